@@ -1,0 +1,3 @@
+from senet_pl.cli import main
+
+main()

@@ -1,0 +1,219 @@
+"""MNIST-type data (MNIST, Fashion-MNIST, KMNIST) as a LightningDataModule.
+
+The datasets are 47 MB of uint8 pixels, so they are kept decoded in memory as uint8
+tensors; a batch is converted to float, augmented, resized and normalized on the
+training device, once per batch, in ``on_after_batch_transfer`` (no per-sample PIL work).
+"""
+
+import gzip
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import lightning.pytorch as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, TensorDataset, random_split
+from torchvision.datasets import KMNIST, MNIST, FashionMNIST
+
+DatasetName = Literal["mnist", "fashion_mnist", "kmnist"]
+
+# name -> (torchvision class, mean, std of the training split's pixels in [0, 1]).
+# MNIST and Fashion-MNIST were measured on the official 60,000-image training files;
+# KMNIST's are the values published with it (no copy of KMNIST could be measured here).
+DATASETS: dict[str, tuple[type[MNIST], float, float]] = {
+    "mnist": (MNIST, 0.1307, 0.3081),
+    "fashion_mnist": (FashionMNIST, 0.2860, 0.3530),
+    "kmnist": (KMNIST, 0.1918, 0.3483),
+}
+
+# IDX magic numbers (unsigned byte data): 0x00000801 for 1-d label files, 0x00000803 for 3-d images.
+_IDX_MAGIC = {1: 0x0801, 3: 0x0803}
+
+
+class DataError(Exception):
+    """A dataset that cannot be used as it is; the message says what to do."""
+
+
+def _check_idx(path: Path, ndim: int) -> tuple[int, ...]:
+    """Check an IDX file's magic number and that its size matches its header; return its dims."""
+    header_size = 4 + 4 * ndim
+    with open(path, "rb") as f:
+        header = f.read(header_size)
+    if len(header) < header_size:
+        raise DataError(f"{path} is truncated: it has {len(header)} bytes, fewer than an IDX header.")
+    magic, *dims = struct.unpack(f">{ndim + 1}I", header)
+    if magic != _IDX_MAGIC[ndim]:
+        raise DataError(
+            f"{path} is not an IDX {'image' if ndim == 3 else 'label'} file: magic number "
+            f"{magic:#010x}, expected {_IDX_MAGIC[ndim]:#010x}."
+        )
+    expected = header_size + torch.Size(dims).numel()
+    actual = path.stat().st_size
+    if actual != expected:
+        what = "truncated" if actual < expected else "longer than its header says"
+        raise DataError(f"{path} is {what}: {actual} bytes, its header {tuple(dims)} needs {expected}.")
+    return tuple(dims)
+
+
+def _decompress(gz: Path, target: Path) -> None:
+    """Decompress ``gz`` to ``target`` atomically, so a failure never leaves half a file."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        with gzip.open(gz, "rb") as src, os.fdopen(fd, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.replace(tmp, target)
+    except (OSError, EOFError) as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise DataError(f"could not decompress {gz}: {err}. Replace it with a complete copy.") from None
+
+
+class MNISTDataModule(L.LightningDataModule):
+    """MNIST, Fashion-MNIST or KMNIST: 28x28 grayscale, 10 classes, IDX files as torchvision reads them."""
+
+    def __init__(
+        self,
+        dataset: DatasetName = "mnist",
+        data_dir: str = "data",
+        image_size: int = 28,
+        batch_size: int = 128,
+        val_size: int = 5000,
+        split_seed: int = 42,
+        translate: int = 2,
+        num_workers: int = 0,
+        download: bool = True,
+    ) -> None:
+        """
+        Args:
+            dataset: which dataset: mnist, fashion_mnist or kmnist.
+            data_dir: torchvision root: the files are looked for in DATA_DIR/<MNIST|FashionMNIST|KMNIST>/raw/,
+                decompressed or as the .gz files of the official download.
+            image_size: side of the square images fed to the model; 28 keeps the native size, larger
+                values are resized (bilinear) on the training device.
+            batch_size: images per batch (per process under DDP).
+            val_size: images held out from the training split for validation; the official test split
+                is only used by ``test`` and ``predict``.
+            split_seed: seed of the train/validation split, fixed so that every run holds out the same images.
+            translate: training-time augmentation: shift each image by up to this many pixels (of the 28x28
+                original) in x and y, independently per image; 0 turns it off. Never applied to val/test.
+            num_workers: DataLoader worker processes; 0 is fastest for in-memory tensors.
+            download: download missing files with torchvision; with False, missing files are an error.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if dataset not in DATASETS:
+            raise DataError(f"unknown dataset {dataset!r}: use one of {', '.join(DATASETS)}.")
+        self.dataset_cls, mean, std = DATASETS[dataset]
+        self.mean, self.std = mean, std
+        self.num_classes = len(self.dataset_cls.classes)
+        self.in_channels = 1
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    @property
+    def raw_folder(self) -> Path:
+        return Path(self.hparams.data_dir) / self.dataset_cls.__name__ / "raw"
+
+    def _files(self, train: bool) -> tuple[Path, Path]:
+        prefix = "train" if train else "t10k"
+        return self.raw_folder / f"{prefix}-images-idx3-ubyte", self.raw_folder / f"{prefix}-labels-idx1-ubyte"
+
+    def prepare_data(self) -> None:
+        """Decompress .gz files that are present, download what is missing, check every file's header."""
+        missing = []
+        for path in (*self._files(train=True), *self._files(train=False)):
+            gz = path.with_name(path.name + ".gz")
+            if not path.exists() and gz.exists():
+                _decompress(gz, path)
+            if not path.exists():
+                missing.append(path)
+        if missing and self.hparams.download:
+            try:
+                for train in (True, False):
+                    self.dataset_cls(self.hparams.data_dir, train=train, download=True)
+            except Exception as err:  # torchvision raises RuntimeError/URLError/OSError, depending on the failure
+                reason = f"download failed ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+            else:
+                missing = [p for p in missing if not p.exists()]
+                reason = "download did not produce them"
+        else:
+            reason = "download is off"
+        if missing:
+            names = ", ".join(p.name + "[.gz]" for p in (*self._files(True), *self._files(False)))
+            raise DataError(
+                f"{self.hparams.dataset}: {len(missing)} of 4 files missing in {self.raw_folder} and {reason}. "
+                f"Put {names} there, or point --data.data_dir at the folder that holds "
+                f"{self.dataset_cls.__name__}/raw/."
+            )
+        for train in (True, False):
+            images, labels = self._files(train)
+            n_images, n_labels = _check_idx(images, 3)[0], _check_idx(labels, 1)[0]
+            if n_images != n_labels:
+                raise DataError(f"{images} has {n_images} images but {labels} has {n_labels} labels.")
+
+    def _load(self, train: bool) -> TensorDataset:
+        ds = self.dataset_cls(self.hparams.data_dir, train=train, download=False)
+        return TensorDataset(ds.data.unsqueeze(1), ds.targets)
+
+    def setup(self, stage: str) -> None:
+        if stage in ("fit", "validate") and self.train_set is None:
+            full = self._load(train=True)
+            val_size = self.hparams.val_size
+            if not 0 < val_size < len(full):
+                raise DataError(
+                    f"--data.val_size {val_size} must be between 1 and {len(full) - 1} "
+                    f"(the training split has {len(full)} images)."
+                )
+            generator = torch.Generator().manual_seed(self.hparams.split_seed)
+            self.train_set, self.val_set = random_split(full, [len(full) - val_size, val_size], generator)
+        if stage in ("test", "predict") and self.test_set is None:
+            self.test_set = self._load(train=False)
+
+    def _loader(self, dataset: Dataset | None, shuffle: bool = False) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set)
+
+    def on_after_batch_transfer(self, batch: list[torch.Tensor], dataloader_idx: int) -> list[torch.Tensor]:
+        """uint8 (N, 1, 28, 28) -> normalized float (N, 1, S, S), on the device the batch is on."""
+        x, y = batch
+        x = x.float().div_(255)
+        if self.hparams.translate and self.trainer is not None and self.trainer.training:
+            x = random_translate(x, self.hparams.translate)
+        if x.shape[-1] != self.hparams.image_size:
+            x = F.interpolate(x, size=self.hparams.image_size, mode="bilinear", align_corners=False)
+        return [x.sub_(self.mean).div_(self.std), y]
+
+
+def random_translate(x: torch.Tensor, max_shift: int) -> torch.Tensor:
+    """Shift every image of a batch by its own random whole-pixel offset in [-max_shift, max_shift], zero-filled."""
+    n, _, h, w = x.shape
+    shift = torch.randint(-max_shift, max_shift + 1, (n, 2), device=x.device).to(x.dtype)
+    theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1
+    # affine_grid works in [-1, 1] coordinates where one pixel is 2/size wide; sampling at
+    # position p - shift moves content by +shift pixels.
+    theta[:, 0, 2] = -2 * shift[:, 0] / w
+    theta[:, 1, 2] = -2 * shift[:, 1] / h
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)

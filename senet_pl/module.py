@@ -1,0 +1,91 @@
+"""The training system: an SEResNet trained with cross-entropy, as a LightningModule."""
+
+from typing import Literal
+
+import lightning.pytorch as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torchmetrics.classification import MulticlassAccuracy
+
+from senet_pl.model import SEResNet
+
+
+class SEResNetClassifier(L.LightningModule):
+    """Image classification with an SE-ResNet: cross-entropy loss, accuracy, SGD by default."""
+
+    def __init__(
+        self,
+        depth: int = 18,
+        stem: Literal["cifar", "imagenet"] = "cifar",
+        se: bool = True,
+        reduction: int = 16,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        channels_last: bool = True,
+        # A lambda, not a function, so that --print_config shows SGD and its arguments.
+        optimizer: OptimizerCallable = lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=5e-4),
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        """
+        Args:
+            depth: ResNet depth: 18, 34 (BasicBlock), 50, 101 or 152 (Bottleneck).
+            stem: "cifar" (3x3 stride-1 conv, no max-pool; for 28x28 inputs) or "imagenet" (7x7 stride-2
+                conv and max-pool; for 224x224 inputs).
+            se: use Squeeze-and-Excitation blocks; False trains the plain ResNet of the same structure.
+            reduction: the SE reduction ratio r (the excitation's hidden width is C/r).
+            num_classes: number of classes; the CLI links it from the data module.
+            in_channels: image channels; the CLI links it from the data module.
+            channels_last: keep weights and activations in NHWC, which is faster with mixed precision
+                on recent GPUs and on CPUs with oneDNN.
+            optimizer: the optimizer, built from the model's parameters (default: SGD, lr 0.05,
+                momentum 0.9, weight decay 5e-4).
+            lr_scheduler: optional learning-rate schedule, stepped once per epoch.
+        """
+        super().__init__()
+        # The optimizer and schedule are callables, not plain values: they are kept out of the
+        # checkpoint's hyperparameters (the run's config.yaml records them).
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.model = SEResNet(depth, stem, in_channels, num_classes, se, reduction)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model.to(memory_format=self.memory_format)
+        # One metric object per stage, so that their states never mix.
+        self.train_acc = MulticlassAccuracy(num_classes)
+        self.val_acc = MulticlassAccuracy(num_classes)
+        self.test_acc = MulticlassAccuracy(num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.contiguous(memory_format=self.memory_format))
+
+    def _step(self, batch: list[torch.Tensor], stage: str) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        acc = getattr(self, f"{stage}_acc")
+        acc(logits, y)
+        # Training loss per step (its epoch mean would be renamed train/loss_epoch); the rest per epoch.
+        training = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=training, on_epoch=not training, prog_bar=True, sync_dist=not training)
+        self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def predict_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Class probabilities, (N, num_classes)."""
+        return self(batch[0]).float().softmax(dim=1)
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer(self.parameters())
+        if self.lr_scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler(optimizer)}

@@ -1,0 +1,201 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import N_TEST, make_dataset
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from senet_pl import cli
+from senet_pl.cli import main, resolve_precision
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+RECIPES = [c for c in CONFIGS if c.name != "no_se.yaml"]  # no_se.yaml is an override
+
+# configs/mnist.yaml, shrunk to seconds on a CPU: tiny batches, 3 training and 2 validation batches.
+TINY = [
+    f"--config={REPO / 'configs' / 'mnist.yaml'}",
+    "--data.data_dir=data",
+    "--data.download=false",
+    "--data.batch_size=8",
+    "--data.val_size=16",
+    "--trainer.accelerator=cpu",
+    "--trainer.limit_train_batches=3",
+    "--trainer.limit_val_batches=2",
+    "--trainer.limit_test_batches=2",
+    "--trainer.log_every_n_steps=1",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
+
+
+@pytest.fixture(autouse=True)
+def in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process CLI calls run in an empty folder, with no pytest arguments in sys.argv."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["senet_pl"])
+
+
+def run(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "senet_pl", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder in which ``python -m senet_pl fit`` ran for 2 tiny epochs on synthetic data."""
+    cwd = tmp_path_factory.mktemp("run")
+    make_dataset(cwd / "data", compress=True)  # as downloaded by hand: .gz files only
+    result = run(cwd, "fit", *TINY, "--trainer.max_epochs=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return cwd
+
+
+def test_fit_writes_checkpoints_config_and_tensorboard_curves(trained: Path) -> None:
+    run_dir = trained / "lightning_logs" / "mnist" / "version_0"
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert "last.ckpt" in checkpoints
+    assert any(name.startswith("best-epoch") for name in checkpoints)
+    assert (run_dir / "config.yaml").is_file()
+    curves = scalars(run_dir)
+    for key in ("train/loss", "train/acc", "val/loss", "val/acc", "lr-SGD"):
+        assert key in curves, sorted(curves)
+    assert len(curves["train/loss"]) == 6  # 2 epochs x 3 steps
+    assert len(curves["val/acc"]) == 2
+
+
+def test_checkpoint_loads_safely_with_plain_hyperparameters(trained: Path) -> None:
+    ckpt = torch.load(
+        trained / "lightning_logs/mnist/version_0/checkpoints/last.ckpt", weights_only=True, map_location="cpu"
+    )
+    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
+    assert hparams["depth"] == 18 and hparams["se"] is True and hparams["num_classes"] == 10
+    assert all(isinstance(v, (int, float, str, bool)) for v in hparams.values()), hparams
+    assert ckpt["global_step"] == 6
+
+
+def test_test_and_validate_from_checkpoints(trained: Path) -> None:
+    tested = run(trained, "test", *TINY, "--ckpt_path=best")
+    assert tested.returncode == 0, tested.stderr[-3000:]
+    assert "test/acc" in tested.stdout
+    last = trained / "lightning_logs/mnist/version_0/checkpoints/last.ckpt"
+    validated = run(trained, "validate", *TINY, f"--ckpt_path={last}")
+    assert validated.returncode == 0, validated.stderr[-3000:]
+    assert "val/acc" in validated.stdout
+
+
+def test_predict_writes_one_row_per_test_image(trained: Path) -> None:
+    result = run(trained, "predict", *TINY, "--ckpt_path=last")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (csv,) = (trained / "lightning_logs" / "mnist").glob("version_*/predictions.csv")
+    rows = csv.read_text().splitlines()
+    assert rows[0] == "index,prediction,confidence"
+    assert len(rows) == 1 + N_TEST
+    indices = sorted(int(r.split(",")[0]) for r in rows[1:])
+    assert indices == list(range(N_TEST))
+    assert all(0 <= int(r.split(",")[1]) < 10 and 0 < float(r.split(",")[2]) <= 1 for r in rows[1:])
+
+
+def test_resume_from_last_continues_the_same_run(tmp_path: Path) -> None:
+    make_dataset(tmp_path / "data")
+    # Monitoring the epoch number in "min" mode makes epoch 0 the best for ever: last.ckpt must
+    # still follow every later epoch (Lightning 2.6's save_last alone would leave it at epoch 0).
+    never_improves = ["--checkpoint.monitor=epoch", "--checkpoint.mode=min"]
+    first = run(tmp_path, "fit", *TINY, *never_improves, "--trainer.max_epochs=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    checkpoints = tmp_path / "lightning_logs/mnist/version_0/checkpoints"
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True, map_location="cpu")["global_step"] == 6
+    assert [p.name for p in checkpoints.glob("best-*")][0].startswith("best-epoch00")
+
+    resumed = run(tmp_path, "fit", *TINY, *never_improves, "--trainer.max_epochs=3", "--ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resolved to lightning_logs/mnist/version_0/checkpoints/last.ckpt" in resumed.stderr
+    runs = sorted(p.name for p in (tmp_path / "lightning_logs" / "mnist").iterdir())
+    assert runs == ["version_0"]  # resumed into its own folder: no new version
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True, map_location="cpu")["global_step"] == 9
+    steps = [step for step, _ in scalars(tmp_path / "lightning_logs/mnist/version_0")["train/loss"]]
+    assert steps == list(range(9))  # one curve: steps 0-5 from the first run, 6-8 after the resume
+
+
+def test_resume_without_a_checkpoint_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    make_dataset(tmp_path / "data")
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", *TINY, "--ckpt_path=last"])
+    assert exit_.value.code != 0
+    assert "no run under lightning_logs/mnist/ has a checkpoints/last.ckpt" in str(exit_.value.code)
+    assert not (tmp_path / "lightning_logs").exists() or not any((tmp_path / "lightning_logs").rglob("*.ckpt"))
+
+
+def test_missing_data_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    result = run(tmp_path, "fit", *TINY, "--data.data_dir=nowhere")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "nowhere/MNIST/raw" in line and "--data.data_dir" in line
+
+
+def test_unreadable_checkpoint_is_named(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit) as exit_:
+        main(["test", *TINY, f"--ckpt_path={bad}"])
+    assert f"cannot read checkpoint {bad}" in str(exit_.value.code)
+
+
+@pytest.mark.parametrize("config", RECIPES, ids=lambda p: p.name)
+def test_print_config_for_every_recipe(config: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", f"--config={config}", "--print_config"])
+    assert exit_.value.code == 0
+    printed = capsys.readouterr().out
+    assert "model:" in printed and "data:" in printed and "checkpoint:" in printed
+
+
+def test_no_se_override_turns_se_off(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["fit", f"--config={REPO / 'configs/mnist.yaml'}", f"--config={REPO / 'configs/no_se.yaml'}",
+              "--print_config"])
+    printed = capsys.readouterr().out
+    assert "  se: false" in printed and "name: no_se" in printed
+
+
+def test_seed_224_is_the_tutorial_recipe(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["fit", f"--config={REPO / 'configs/seed_224.yaml'}", "--print_config"])
+    printed = capsys.readouterr().out
+    for line in ("image_size: 224", "batch_size: 32", "lr: 0.05", "momentum: 0.5", "max_epochs: 20",
+                 "lr_scheduler: null", "stem: cifar", "depth: 18"):
+        assert line in printed
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "validate", "test", "predict"])
+def test_help_names_the_options(subcommand: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main([subcommand, "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--model.depth", "--model.stem", "--model.se", "--model.reduction", "--data.dataset",
+                   "--data.data_dir", "--data.image_size", "--data.batch_size", "--data.val_size"):
+        assert option in text
+
+
+def test_bf16_falls_back_to_what_the_hardware_has(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert resolve_precision("32-true", "auto") == "32-true"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert resolve_precision("bf16-mixed", "auto") == "16-mixed"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert resolve_precision("bf16-mixed", "gpu") == "bf16-mixed"
+    monkeypatch.setattr(cli, "_cpu_has_bf16", lambda: False)
+    assert resolve_precision("bf16-mixed", "cpu") == "32-true"
+    monkeypatch.setattr(cli, "_cpu_has_bf16", lambda: True)
+    assert resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"

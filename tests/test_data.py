@@ -1,0 +1,176 @@
+import gzip
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import N_TEST, N_TRAIN, make_dataset, synthetic_split, write_idx
+
+from senet_pl.data import DATASETS, DataError, MNISTDataModule, random_translate
+
+
+def _module(root: Path, **kwargs) -> MNISTDataModule:
+    kwargs = {"data_dir": str(root), "val_size": 16, "batch_size": 8, "download": False, **kwargs}
+    return MNISTDataModule(**kwargs)
+
+
+def _transform(dm: MNISTDataModule, training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dm.trainer = SimpleNamespace(training=training)
+    x, y = next(iter(dm.train_dataloader()))
+    out, y2 = dm.on_after_batch_transfer([x.clone(), y], 0)
+    return x, out, y2
+
+
+def test_batches_are_uint8_then_normalized_on_the_device_side(data_root: Path) -> None:
+    dm = _module(data_root, translate=0)
+    dm.prepare_data()
+    dm.setup("fit")
+    x, out, _ = _transform(dm, training=True)
+    assert x.dtype == torch.uint8 and x.shape == (8, 1, 28, 28)
+    assert out.dtype == torch.float32 and out.shape == (8, 1, 28, 28)
+    torch.testing.assert_close(out, (x.float() / 255 - 0.1307) / 0.3081)
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_resize_to_image_size(data_root: Path, size: int) -> None:
+    dm = _module(data_root, image_size=size, translate=0)
+    dm.prepare_data()
+    dm.setup("fit")
+    x, out, _ = _transform(dm, training=False)
+    assert out.shape == (8, 1, size, size)
+    # bilinear resize keeps the image's mean brightness (up to border effects)
+    torch.testing.assert_close(out.mean(), ((x.float() / 255 - 0.1307) / 0.3081).mean(), atol=0.05, rtol=0)
+
+
+def test_translation_only_in_training_and_per_sample(data_root: Path) -> None:
+    dm = _module(data_root, translate=3)
+    dm.prepare_data()
+    dm.setup("fit")
+    x, evaluated, _ = _transform(dm, training=False)
+    torch.testing.assert_close(evaluated, (x.float() / 255 - 0.1307) / 0.3081)  # no augmentation in eval
+    torch.manual_seed(0)
+    _, trained, _ = _transform(dm, training=True)
+    assert not torch.equal(trained, evaluated)
+
+
+def test_random_translate_moves_each_image_by_its_own_whole_pixel_shift() -> None:
+    x = torch.zeros(64, 1, 28, 28)
+    x[:, 0, 14, 14] = 1.0
+    torch.manual_seed(0)
+    out = random_translate(x, 2)
+    positions = [tuple(p) for p in (out[:, 0] == 1).nonzero()[:, 1:].tolist()]
+    assert len(positions) == 64 and out.sum() == 64  # every pixel moved whole, none lost or blurred
+    assert all(abs(r - 14) <= 2 and abs(c - 14) <= 2 for r, c in positions)
+    assert len(set(positions)) > 10  # independent draws per image
+    torch.manual_seed(0)
+    assert torch.equal(random_translate(x, 2), out)  # reproducible with the seed
+
+
+def test_split_sizes_disjoint_and_fixed(data_root: Path) -> None:
+    dm = _module(data_root, val_size=20)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert len(dm.train_set) == N_TRAIN - 20 and len(dm.val_set) == 20
+    train_idx, val_idx = set(dm.train_set.indices), set(dm.val_set.indices)
+    assert not train_idx & val_idx and train_idx | val_idx == set(range(N_TRAIN))
+    again = _module(data_root, val_size=20)
+    again.setup("fit")
+    assert set(again.val_set.indices) == val_idx  # the same images held out in every run
+    other = _module(data_root, val_size=20, split_seed=1)
+    other.setup("fit")
+    assert set(other.val_set.indices) != val_idx
+    dm.setup("test")
+    assert len(dm.test_set) == N_TEST  # the official test split, untouched by the split
+    images, labels = synthetic_split(N_TEST, seed=1)
+    assert torch.equal(dm.test_set.tensors[1], torch.from_numpy(labels).long())
+
+
+def test_val_size_must_leave_training_images(data_root: Path) -> None:
+    dm = _module(data_root, val_size=N_TRAIN)
+    with pytest.raises(DataError, match="val_size"):
+        dm.setup("fit")
+
+
+def test_gz_files_are_decompressed(tmp_path: Path) -> None:
+    raw = make_dataset(tmp_path, compress=True)
+    dm = _module(tmp_path)
+    dm.prepare_data()
+    assert sorted(p.name for p in raw.iterdir() if not p.name.endswith(".gz")) == [
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+    ]  # no temporary files left beside them
+    dm.setup("fit")
+    images, _ = synthetic_split(N_TRAIN, seed=0)
+    full = dm.train_set.dataset.tensors[0]
+    assert torch.equal(full[:, 0], torch.from_numpy(images))
+
+
+@pytest.mark.parametrize(("name", "folder"), [("fashion_mnist", "FashionMNIST"), ("kmnist", "KMNIST")])
+def test_siblings_use_their_folder_and_statistics(tmp_path: Path, name: str, folder: str) -> None:
+    make_dataset(tmp_path, folder=folder)
+    dm = _module(tmp_path, dataset=name, translate=0)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.num_classes == 10 and dm.in_channels == 1
+    x, out, _ = _transform(dm, training=False)
+    _, mean, std = DATASETS[name]
+    torch.testing.assert_close(out, (x.float() / 255 - mean) / std)
+
+
+def test_missing_files_without_download_name_what_to_do(tmp_path: Path) -> None:
+    dm = _module(tmp_path / "nowhere")
+    with pytest.raises(DataError) as err:
+        dm.prepare_data()
+    message = str(err.value)
+    for part in ("mnist", str(tmp_path / "nowhere" / "MNIST" / "raw"), "train-images-idx3-ubyte",
+                 "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", "--data.data_dir"):
+        assert part in message
+    assert "download is off" in message
+
+
+def test_failed_download_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline(self):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr("torchvision.datasets.MNIST.download", offline)
+    dm = _module(tmp_path, download=True)
+    with pytest.raises(DataError, match="download failed.*Error downloading"):
+        dm.prepare_data()
+
+
+def _break(raw: Path, case: str) -> str:
+    images = raw / "train-images-idx3-ubyte"
+    if case == "truncated":
+        images.write_bytes(images.read_bytes()[:-100])
+        return "truncated"
+    if case == "header only":
+        images.write_bytes(images.read_bytes()[:10])
+        return "truncated"
+    if case == "magic":
+        write_idx(raw / "train-labels-idx1-ubyte", np.zeros((N_TRAIN, 28, 28), np.uint8))  # images where labels go
+        return "magic number"
+    if case == "count":
+        write_idx(raw / "train-labels-idx1-ubyte", np.zeros(N_TRAIN - 1, np.uint8))
+        return f"{N_TRAIN} images but .* {N_TRAIN - 1} labels"
+    if case == "corrupt gz":
+        packed = gzip.compress(images.read_bytes())
+        images.unlink()
+        images.with_name(images.name + ".gz").write_bytes(packed[: len(packed) // 2])  # an interrupted download
+        return "could not decompress"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["truncated", "header only", "magic", "count", "corrupt gz"])
+def test_bad_files_give_a_clear_error(data_root: Path, case: str) -> None:
+    expected = _break(data_root / "MNIST" / "raw", case)
+    with pytest.raises(DataError, match=expected) as err:
+        _module(data_root).prepare_data()
+    assert "MNIST/raw/train-" in str(err.value)  # names the file
+
+
+def test_unknown_dataset() -> None:
+    with pytest.raises(DataError, match="unknown dataset 'cifar'"):
+        MNISTDataModule(dataset="cifar")  # type: ignore[arg-type]
