@@ -2,17 +2,20 @@
 
 What it adds to LightningCLI:
 - ``num_classes``/``in_channels`` linked from the data module to the model;
-- a configurable ``checkpoint:`` group (ModelCheckpoint, best by ``val/acc``) and a ``last.ckpt``
-  rewritten after every validation,
+- configurable ``checkpoint:`` (best by ``val/acc``) and ``last_checkpoint:`` (``last.ckpt``, after
+  every validation, on SIGTERM/Ctrl-C, optionally every N steps) groups; checkpoints written
+  atomically and loaded with ``weights_only=True`` (see ``checkpoints.py``),
   a learning-rate monitor, a TensorBoard logger in ``lightning_logs/`` and a predictions CSV;
-- ``--ckpt_path last|best`` that finds the newest run of the configured logger (Lightning
+- ``--ckpt_path last|best|auto`` that finds the newest run of the configured logger (Lightning
   alone would look in the new run's empty folder), and resuming ``fit`` into that run's own
   folder so that its TensorBoard curves continue;
 - ``bf16-mixed`` falling back to what the hardware can do (fp16 on GPUs without bf16,
   fp32 on CPUs without bf16 instructions);
-- short error messages for bad data and checkpoints, instead of a traceback.
+- short error messages for bad data, checkpoints and non-finite losses, instead of a traceback;
+  exit status 130 after Ctrl-C and 143 after SIGTERM, once ``last.ckpt`` is written.
 """
 
+import signal
 import sys
 from pathlib import Path
 
@@ -20,13 +23,24 @@ import torch
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from senet_pl.checkpoints import AtomicCheckpointIO, CheckpointError, GracefulStop, LatestCheckpoint, load_checkpoint
 from senet_pl.data import DataError, MNISTDataModule
-from senet_pl.module import SEResNetClassifier
+from senet_pl.model import MIN_IMAGE_SIZE
+from senet_pl.module import NonFiniteLossError, SEResNetClassifier
 
 
 class CLIError(Exception):
     """A command line that cannot be carried out; the message says what to do."""
+
+
+class ShortErrorParser(LightningArgumentParser):
+    """Bad options get the error and a pointer to --help, not the usage line of every option (a page)."""
+
+    def print_usage(self, file=None) -> None:
+        pass
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -48,16 +62,6 @@ class PredictionWriter(BasePredictionWriter):
         print(f"predictions for {len(probs)} images written to {path}")
 
 
-def latest_checkpoint() -> ModelCheckpoint:
-    """Rewrites ``last.ckpt`` at every checkpoint opportunity, whatever the metrics did.
-
-    Since Lightning 2.6, ``ModelCheckpoint(save_last=True)`` writes ``last.ckpt`` only when a top-k
-    checkpoint is saved at the same step, so with ``save_top_k=1`` it is a copy of the best one and
-    resuming from it would repeat every epoch since. A second, unmonitored callback keeps it current.
-    """
-    return ModelCheckpoint(filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
-
-
 def _cpu_has_bf16() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
@@ -71,30 +75,26 @@ def resolve_precision(precision: str | int | None, accelerator: str) -> str | in
     return precision if _cpu_has_bf16() else "32-true"
 
 
-def _last_checkpoint_state(ckpt: Path) -> dict:
-    try:
-        return torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:
-        raise CLIError(f"cannot read checkpoint {ckpt}: {str(err).splitlines()[0]}") from None
-
-
 class SENetCLI(LightningCLI):
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, graceful_stop: GracefulStop | None = None, **kwargs) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})  # resuming writes into the same run folder
         # The optimizer is a model argument (--model.optimizer); no second, top-level group.
         kwargs.setdefault("auto_configure_optimizers", False)
-        kwargs.setdefault("trainer_defaults", {"callbacks": [latest_checkpoint(), LearningRateMonitor(), PredictionWriter()]})
+        kwargs.setdefault("parser_class", ShortErrorParser)
+        callbacks = [LearningRateMonitor(), PredictionWriter(), graceful_stop or GracefulStop()]
+        kwargs.setdefault("trainer_defaults", {"callbacks": callbacks})
         super().__init__(SEResNetClassifier, MNISTDataModule, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.in_channels", "model.in_channels", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(LatestCheckpoint, "last_checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/acc",
                 "checkpoint.mode": "max",
-                "checkpoint.save_last": False,  # last.ckpt comes from latest_checkpoint()
+                "checkpoint.save_last": False,  # last.ckpt comes from last_checkpoint (LatestCheckpoint)
                 "checkpoint.filename": "best-epoch{epoch:02d}-acc{val/acc:.4f}",
                 "checkpoint.auto_insert_metric_name": False,
                 "trainer.logger": {
@@ -112,34 +112,41 @@ class SENetCLI(LightningCLI):
         return None
 
     def _parse_ckpt_path(self) -> None:
-        """Resolve ``--ckpt_path last|best`` against the newest run on disk, then let Lightning read it."""
+        """Resolve ``--ckpt_path last|best|auto`` against the newest run on disk, then let Lightning read it.
+
+        ``auto`` (for job scripts that are rerun, e.g. requeued on SLURM) is ``last`` when a run exists
+        and a new run otherwise; ``last`` with nothing to resume is an error, never a silent fresh start.
+        """
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return
         cfg = self.config[subcommand]
         ckpt = cfg.get("ckpt_path")
         root = self._logger_root()
-        if ckpt in ("last", "best"):
+        if ckpt in ("last", "best", "auto"):
             runs = sorted(root.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime) if root else []
-            if not runs:
+            if not runs and ckpt == "auto" and subcommand == "fit":
+                print("--ckpt_path auto: no run to resume, starting a new one", file=sys.stderr)
+                cfg.ckpt_path = ckpt = None
+            elif not runs:
                 where = f"under {root}/" if root else "(no TensorBoard logger is configured)"
                 raise CLIError(
                     f"--ckpt_path {ckpt}: no run {where} has a checkpoints/last.ckpt. Give the path of a "
-                    "checkpoint, or leave --ckpt_path out to start a new run."
+                    "checkpoint, leave --ckpt_path out to start a new run, or use --ckpt_path auto (fit only) to "
+                    "resume if there is a run and start one otherwise."
                 )
+        if ckpt in ("last", "best", "auto"):
             resolved = runs[-1]
             if ckpt == "best":
-                callbacks = _last_checkpoint_state(resolved).get("callbacks", {})
+                callbacks = load_checkpoint(resolved).get("callbacks", {})
                 best = [s["best_model_path"] for s in callbacks.values() if s.get("monitor") and s.get("best_model_path")]
                 if not best or not Path(best[0]).is_file():
                     raise CLIError(f"--ckpt_path best: {resolved} records no best checkpoint that still exists.")
                 resolved = Path(best[0])
             cfg.ckpt_path = ckpt = str(resolved)
             print(f"--ckpt_path resolved to {ckpt}", file=sys.stderr)
-        if ckpt and not Path(ckpt).is_file():
-            raise CLIError(f"--ckpt_path {ckpt}: no such file.")
         if ckpt:
-            _last_checkpoint_state(Path(ckpt))  # a clear error for unreadable files, before Lightning reads it
+            load_checkpoint(ckpt)  # refuses unsafe or unreadable files with a clear error, before Lightning reads them
         # Resuming a run: log into its own version folder, so its TensorBoard curves continue.
         if subcommand == "fit" and ckpt and root and cfg.trainer.logger.init_args.version is None:
             run_dir = Path(ckpt).resolve().parent.parent
@@ -148,12 +155,30 @@ class SENetCLI(LightningCLI):
         super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
-        trainer = self.config[self.subcommand].trainer
-        trainer.precision = resolve_precision(trainer.precision, trainer.accelerator)
+        cfg = self.config[self.subcommand]
+        smallest = MIN_IMAGE_SIZE[cfg.model.stem]
+        if cfg.data.image_size < smallest:
+            raise CLIError(
+                f"--data.image_size {cfg.data.image_size} is too small for --model.stem {cfg.model.stem}, which "
+                f"downsamples by {smallest}: use an image_size of at least {smallest}"
+                + (", or --model.stem cifar." if cfg.model.stem == "imagenet" else ".")
+            )
+        cfg.trainer.precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+
+    def after_instantiate_classes(self) -> None:
+        if self.trainer is not None and type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 
 
 def main(args: list[str] | None = None) -> None:
+    if sys.argv[0].endswith("__main__.py"):
+        sys.argv[0] = "python -m senet_pl"  # so that messages name the command that was typed
+    stop = GracefulStop()
     try:
-        SENetCLI(args=args)
-    except (CLIError, DataError) as err:
+        SENetCLI(graceful_stop=stop, args=args)
+    except (CLIError, DataError, CheckpointError, NonFiniteLossError) as err:
         sys.exit(f"error: {err}")
+    except SIGTERMException:
+        name = "Ctrl-C" if stop.signal == signal.SIGINT else "SIGTERM"
+        print(f"{name}: training stopped, last.ckpt written; resume with --ckpt_path last", file=sys.stderr)
+        sys.exit(128 + (stop.signal or signal.SIGTERM))

@@ -1,8 +1,14 @@
 """MNIST-type data (MNIST, Fashion-MNIST, KMNIST) as a LightningDataModule.
 
 The datasets are 47 MB of uint8 pixels, so they are kept decoded in memory as uint8
-tensors; a batch is converted to float, augmented, resized and normalized on the
-training device, once per batch, in ``on_after_batch_transfer`` (no per-sample PIL work).
+tensors and indexed a whole batch at a time; a batch is converted to float, augmented,
+resized and normalized on the training device in ``on_after_batch_transfer`` (no
+per-sample PIL work).
+
+Training order and augmentation are functions of (seed, epoch, batch) only, never of the
+RNG state a run happens to be in, and the training loader's position is saved in every
+checkpoint: a resumed run sees exactly the batches, in the order and with the shifts, that
+an uninterrupted run would have seen.
 """
 
 import gzip
@@ -16,7 +22,8 @@ from typing import Literal
 import lightning.pytorch as L
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, TensorDataset, random_split
+from jsonargparse.typing import NonNegativeInt, PositiveInt
+from torch.utils.data import DataLoader, Dataset, Sampler, random_split
 from torchvision.datasets import KMNIST, MNIST, FashionMNIST
 
 DatasetName = Literal["mnist", "fashion_mnist", "kmnist"]
@@ -71,6 +78,83 @@ def _decompress(gz: Path, target: Path) -> None:
         raise DataError(f"could not decompress {gz}: {err}. Replace it with a complete copy.") from None
 
 
+class InMemoryImages(Dataset):
+    """uint8 images (N, 1, H, W) and labels in memory, indexed by a whole batch ``(seed, indices)`` at once."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, batch: tuple[int, list[int]]) -> list:
+        seed, indices = batch
+        index = torch.as_tensor(indices)
+        return [self.images[index], self.labels[index], seed]
+
+
+def _mix(*values: int) -> int:
+    """One 63-bit seed from several integers (deterministic: Python hashes int tuples without salt)."""
+    return hash(values) & (2**63 - 1)
+
+
+class EpochBatchSampler(Sampler[tuple[int, list[int]]]):
+    """Yields ``(seed, indices)`` per batch; order and seed depend only on (seed, epoch, batch number).
+
+    With ``shuffle`` each epoch is a fresh permutation drawn from a generator seeded with
+    (seed, epoch), so it never depends on what ran before; the batch seed drives the batch's
+    augmentation. ``resume`` starts the next iteration part-way into an epoch.
+    """
+
+    def __init__(self, length: int, batch_size: int, shuffle: bool, seed: int = 0) -> None:
+        self.length, self.batch_size, self.shuffle, self.seed = length, batch_size, shuffle, seed
+        self.epoch = 0
+        self._skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning before every training epoch."""
+        if epoch != self.epoch:
+            self._skip = 0
+        self.epoch = epoch
+
+    def resume(self, epoch: int, batches_done: int) -> None:
+        self.epoch, self._skip = epoch, batches_done
+
+    def __len__(self) -> int:
+        return -(-self.length // self.batch_size)
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.length, generator=torch.Generator().manual_seed(_mix(self.seed, self.epoch)))
+        else:
+            order = torch.arange(self.length)
+        skip, self._skip = self._skip, 0
+        for b in range(skip, len(self)):
+            yield _mix(self.seed, self.epoch, b), order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
+
+
+class ResumableLoader(DataLoader):
+    """The training DataLoader; Lightning saves its ``state_dict`` in checkpoints and restores it on resume.
+
+    The state is where the fit loop is, read from the trainer when the checkpoint is written
+    (the sampler itself runs ahead: Lightning prefetches a batch).
+    """
+
+    def __init__(self, dataset: Dataset, sampler: EpochBatchSampler, datamodule: L.LightningDataModule, **kwargs) -> None:
+        super().__init__(dataset, sampler=sampler, batch_size=None, **kwargs)
+        self.datamodule = datamodule
+
+    def state_dict(self) -> dict[str, int]:
+        trainer = self.datamodule.trainer
+        epoch, done = trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if done >= trainer.num_training_batches:  # the epoch is over: resume at the start of the next
+            epoch, done = epoch + 1, 0
+        return {"epoch": epoch, "batches_done": done}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.resume(state["epoch"], state["batches_done"])
+
+
 class MNISTDataModule(L.LightningDataModule):
     """MNIST, Fashion-MNIST or KMNIST: 28x28 grayscale, 10 classes, IDX files as torchvision reads them."""
 
@@ -78,12 +162,12 @@ class MNISTDataModule(L.LightningDataModule):
         self,
         dataset: DatasetName = "mnist",
         data_dir: str = "data",
-        image_size: int = 28,
-        batch_size: int = 128,
-        val_size: int = 5000,
+        image_size: PositiveInt = 28,
+        batch_size: PositiveInt = 128,
+        val_size: PositiveInt = 5000,
         split_seed: int = 42,
-        translate: int = 2,
-        num_workers: int = 0,
+        translate: NonNegativeInt = 2,
+        num_workers: NonNegativeInt = 0,
         download: bool = True,
     ) -> None:
         """
@@ -110,9 +194,9 @@ class MNISTDataModule(L.LightningDataModule):
         self.mean, self.std = mean, std
         self.num_classes = len(self.dataset_cls.classes)
         self.in_channels = 1
-        self.train_set: Dataset | None = None
-        self.val_set: Dataset | None = None
-        self.test_set: Dataset | None = None
+        self.train_set: InMemoryImages | None = None
+        self.val_set: InMemoryImages | None = None
+        self.test_set: InMemoryImages | None = None
 
     @property
     def raw_folder(self) -> Path:
@@ -155,32 +239,33 @@ class MNISTDataModule(L.LightningDataModule):
             if n_images != n_labels:
                 raise DataError(f"{images} has {n_images} images but {labels} has {n_labels} labels.")
 
-    def _load(self, train: bool) -> TensorDataset:
+    def _load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         ds = self.dataset_cls(self.hparams.data_dir, train=train, download=False)
-        return TensorDataset(ds.data.unsqueeze(1), ds.targets)
+        return ds.data.unsqueeze(1), ds.targets
 
     def setup(self, stage: str) -> None:
         if stage in ("fit", "validate") and self.train_set is None:
-            full = self._load(train=True)
-            val_size = self.hparams.val_size
-            if not 0 < val_size < len(full):
+            images, labels = self._load(train=True)
+            n, val_size = len(labels), self.hparams.val_size
+            if not 0 < val_size < n:
                 raise DataError(
-                    f"--data.val_size {val_size} must be between 1 and {len(full) - 1} "
-                    f"(the training split has {len(full)} images)."
+                    f"--data.val_size {val_size} must be between 1 and {n - 1} (the training split has {n} images)."
                 )
             generator = torch.Generator().manual_seed(self.hparams.split_seed)
-            self.train_set, self.val_set = random_split(full, [len(full) - val_size, val_size], generator)
+            train, val = (torch.tensor(s.indices) for s in random_split(range(n), [n - val_size, val_size], generator))
+            self.train_set = InMemoryImages(images[train], labels[train])
+            self.val_set = InMemoryImages(images[val], labels[val])
         if stage in ("test", "predict") and self.test_set is None:
-            self.test_set = self._load(train=False)
+            self.test_set = InMemoryImages(*self._load(train=False))
 
-    def _loader(self, dataset: Dataset | None, shuffle: bool = False) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            num_workers=self.hparams.num_workers,
-            persistent_workers=self.hparams.num_workers > 0,
-        )
+    def _loader(self, dataset: InMemoryImages, shuffle: bool = False) -> DataLoader:
+        workers = {"num_workers": self.hparams.num_workers, "persistent_workers": self.hparams.num_workers > 0}
+        # The global seed set by seed_everything (LightningCLI's seed_everything), as Lightning's own
+        # DistributedSampler uses it.
+        sampler = EpochBatchSampler(len(dataset), self.hparams.batch_size, shuffle, int(os.environ.get("PL_GLOBAL_SEED", 0)))
+        if shuffle:
+            return ResumableLoader(dataset, sampler, self, **workers)
+        return DataLoader(dataset, sampler=sampler, batch_size=None, **workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)
@@ -194,21 +279,21 @@ class MNISTDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.test_set)
 
-    def on_after_batch_transfer(self, batch: list[torch.Tensor], dataloader_idx: int) -> list[torch.Tensor]:
+    def on_after_batch_transfer(self, batch: list, dataloader_idx: int) -> list[torch.Tensor]:
         """uint8 (N, 1, 28, 28) -> normalized float (N, 1, S, S), on the device the batch is on."""
-        x, y = batch
+        x, y, seed = batch
         x = x.float().div_(255)
         if self.hparams.translate and self.trainer is not None and self.trainer.training:
-            x = random_translate(x, self.hparams.translate)
+            x = random_translate(x, self.hparams.translate, torch.Generator(x.device).manual_seed(seed))
         if x.shape[-1] != self.hparams.image_size:
             x = F.interpolate(x, size=self.hparams.image_size, mode="bilinear", align_corners=False)
         return [x.sub_(self.mean).div_(self.std), y]
 
 
-def random_translate(x: torch.Tensor, max_shift: int) -> torch.Tensor:
+def random_translate(x: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Shift every image of a batch by its own random whole-pixel offset in [-max_shift, max_shift], zero-filled."""
     n, _, h, w = x.shape
-    shift = torch.randint(-max_shift, max_shift + 1, (n, 2), device=x.device).to(x.dtype)
+    shift = torch.randint(-max_shift, max_shift + 1, (n, 2), device=x.device, generator=generator).to(x.dtype)
     theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
     theta[:, 0, 0] = theta[:, 1, 1] = 1
     # affine_grid works in [-1, 1] coordinates where one pixel is 2/size wide; sampling at

@@ -127,6 +127,9 @@ LAYERS: dict[int, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, int, int
     152: (Bottleneck, (3, 8, 36, 3)),
 }
 STEMS = ("cifar", "imagenet")
+# Total downsampling of each stem plus the three stride-2 stages: images smaller than this
+# leave the last stage with less than one pixel of real input per position.
+MIN_IMAGE_SIZE = {"cifar": 8, "imagenet": 32}
 
 
 class SEResNet(nn.Module):

@@ -5,10 +5,15 @@ from typing import Literal
 import lightning.pytorch as L
 import torch
 import torch.nn.functional as F
+from jsonargparse.typing import PositiveInt
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics.classification import MulticlassAccuracy
 
 from senet_pl.model import SEResNet
+
+
+class NonFiniteLossError(ArithmeticError):
+    """The training loss became NaN or infinite."""
 
 
 class SEResNetClassifier(L.LightningModule):
@@ -16,12 +21,12 @@ class SEResNetClassifier(L.LightningModule):
 
     def __init__(
         self,
-        depth: int = 18,
+        depth: Literal[18, 34, 50, 101, 152] = 18,
         stem: Literal["cifar", "imagenet"] = "cifar",
         se: bool = True,
-        reduction: int = 16,
-        num_classes: int = 10,
-        in_channels: int = 1,
+        reduction: PositiveInt = 16,
+        num_classes: PositiveInt = 10,
+        in_channels: PositiveInt = 1,
         channels_last: bool = True,
         # A lambda, not a function, so that --print_config shows SGD and its arguments.
         optimizer: OptimizerCallable = lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=5e-4),
@@ -51,10 +56,10 @@ class SEResNetClassifier(L.LightningModule):
         self.model = SEResNet(depth, stem, in_channels, num_classes, se, reduction)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
-        # One metric object per stage, so that their states never mix.
-        self.train_acc = MulticlassAccuracy(num_classes)
-        self.val_acc = MulticlassAccuracy(num_classes)
-        self.test_acc = MulticlassAccuracy(num_classes)
+        # Plain (micro) accuracy; one metric object per stage, so that their states never mix.
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x.contiguous(memory_format=self.memory_format))
@@ -72,7 +77,16 @@ class SEResNetClassifier(L.LightningModule):
         return loss
 
     def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+        loss = self._step(batch, "train")
+        # Stop before a non-finite loss reaches the weights: nothing after this point (optimizer
+        # step, validation, checkpoints) ever sees the broken state.
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"the training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}, "
+                f"batch {batch_idx}); training stopped before the optimizer step. Checkpoints from before are "
+                "intact: lower the learning rate or use fp32 precision, and resume with --ckpt_path last."
+            )
+        return loss
 
     def validation_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "val")

@@ -2,6 +2,8 @@
 
 import gzip
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -50,3 +52,38 @@ def data_root(tmp_path: Path) -> Path:
     """A torchvision root with synthetic, decompressed MNIST files."""
     make_dataset(tmp_path / "data")
     return tmp_path / "data"
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+# configs/mnist.yaml on the synthetic data, shrunk to seconds on a CPU: batches of 8, 16 images
+# held out (80 left for training: 10 batches an epoch), 3 training and 2 validation batches.
+# Tests that need whole epochs drop the first limit with FULL_EPOCHS.
+TINY = [
+    f"--config={REPO / 'configs' / 'mnist.yaml'}",
+    "--data.data_dir=data",
+    "--data.download=false",
+    "--data.batch_size=8",
+    "--data.val_size=16",
+    "--trainer.accelerator=cpu",
+    "--trainer.limit_train_batches=3",
+    "--trainer.limit_val_batches=2",
+    "--trainer.limit_test_batches=2",
+    "--trainer.log_every_n_steps=1",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
+FULL_EPOCHS = [a for a in TINY if not a.startswith("--trainer.limit_train_batches")]
+
+
+@pytest.fixture(autouse=True)
+def in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs in its own empty folder (in-process CLI calls write lightning_logs/ there),
+    with no pytest arguments in sys.argv."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["senet_pl"])
+
+
+def run(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """``python -m senet_pl ARGS`` in CWD, as a user would run it."""
+    return subprocess.run([sys.executable, "-m", "senet_pl", *args], cwd=cwd, capture_output=True, text=True, timeout=300)

@@ -1,47 +1,15 @@
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import N_TEST, make_dataset
+from conftest import N_TEST, REPO, TINY, make_dataset, run
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from senet_pl import cli
 from senet_pl.cli import main, resolve_precision
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 RECIPES = [c for c in CONFIGS if c.name != "no_se.yaml"]  # no_se.yaml is an override
-
-# configs/mnist.yaml, shrunk to seconds on a CPU: tiny batches, 3 training and 2 validation batches.
-TINY = [
-    f"--config={REPO / 'configs' / 'mnist.yaml'}",
-    "--data.data_dir=data",
-    "--data.download=false",
-    "--data.batch_size=8",
-    "--data.val_size=16",
-    "--trainer.accelerator=cpu",
-    "--trainer.limit_train_batches=3",
-    "--trainer.limit_val_batches=2",
-    "--trainer.limit_test_batches=2",
-    "--trainer.log_every_n_steps=1",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-]
-
-
-@pytest.fixture(autouse=True)
-def in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """In-process CLI calls run in an empty folder, with no pytest arguments in sys.argv."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["senet_pl"])
-
-
-def run(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "senet_pl", *args], cwd=cwd, capture_output=True, text=True, timeout=300
-    )
 
 
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -126,13 +94,22 @@ def test_resume_from_last_continues_the_same_run(tmp_path: Path) -> None:
     assert steps == list(range(9))  # one curve: steps 0-5 from the first run, 6-8 after the resume
 
 
-def test_resume_without_a_checkpoint_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_resume_without_a_checkpoint_is_refused(tmp_path: Path) -> None:
     make_dataset(tmp_path / "data")
     with pytest.raises(SystemExit) as exit_:
         main(["fit", *TINY, "--ckpt_path=last"])
     assert exit_.value.code != 0
     assert "no run under lightning_logs/mnist/ has a checkpoints/last.ckpt" in str(exit_.value.code)
-    assert not (tmp_path / "lightning_logs").exists() or not any((tmp_path / "lightning_logs").rglob("*.ckpt"))
+    assert not (tmp_path / "lightning_logs").exists()  # stopped before any work
+
+
+def test_ckpt_path_auto_starts_fresh_then_resumes(tmp_path: Path) -> None:
+    make_dataset(tmp_path / "data")
+    main(["fit", *TINY, "--trainer.max_epochs=1", "--ckpt_path=auto"])
+    main(["fit", *TINY, "--trainer.max_epochs=2", "--ckpt_path=auto"])
+    assert sorted(p.name for p in (tmp_path / "lightning_logs" / "mnist").iterdir()) == ["version_0"]
+    last = tmp_path / "lightning_logs/mnist/version_0/checkpoints/last.ckpt"
+    assert torch.load(last, weights_only=True, map_location="cpu")["global_step"] == 6
 
 
 def test_missing_data_is_one_line_not_a_traceback(tmp_path: Path) -> None:
@@ -141,6 +118,35 @@ def test_missing_data_is_one_line_not_a_traceback(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert "nowhere/MNIST/raw" in line and "--data.data_dir" in line
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--data.batch_size=-3"], 'Parser key "data.batch_size"'),
+        (["--data.val_size=0"], 'Parser key "data.val_size"'),
+        (["--model.reduction=0"], 'Parser key "model.reduction"'),
+        (["--model.depth=20"], 'Parser key "model.depth"'),
+        (["--data.dataset=cifar"], 'Parser key "data.dataset"'),
+        (["--trainer.max_epochs=many"], 'Parser key "trainer.max_epochs"'),
+        (["--data.bogus=1"], "unrecognized arguments: --data.bogus=1"),
+        (["--config=bad.yaml"], "depthh"),
+        (["--data.image_size=4"], "--data.image_size 4 is too small for --model.stem cifar"),
+        (["--data.image_size=28", "--model.stem=imagenet"], "use an image_size of at least 32, or --model.stem cifar"),
+    ],
+)
+def test_bad_values_stop_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture, args: list[str], expected: str
+) -> None:
+    make_dataset(tmp_path / "data")
+    (tmp_path / "bad.yaml").write_text("model:\n  depthh: 18\n")  # a typo in a config file
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", *TINY, *args])
+    assert exit_.value.code != 0
+    message = capsys.readouterr().err + (exit_.value.code if isinstance(exit_.value.code, str) else "")
+    assert expected in message
+    assert "Traceback" not in message and len(message.strip().splitlines()) <= 10  # a paragraph, not a page
+    assert not (tmp_path / "lightning_logs").exists()  # nothing started
 
 
 def test_unreadable_checkpoint_is_named(tmp_path: Path) -> None:

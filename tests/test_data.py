@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import N_TEST, N_TRAIN, make_dataset, synthetic_split, write_idx
 
-from senet_pl.data import DATASETS, DataError, MNISTDataModule, random_translate
+from senet_pl.data import DATASETS, DataError, EpochBatchSampler, MNISTDataModule, random_translate
 
 
 def _module(root: Path, **kwargs) -> MNISTDataModule:
@@ -17,8 +17,8 @@ def _module(root: Path, **kwargs) -> MNISTDataModule:
 
 def _transform(dm: MNISTDataModule, training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dm.trainer = SimpleNamespace(training=training)
-    x, y = next(iter(dm.train_dataloader()))
-    out, y2 = dm.on_after_batch_transfer([x.clone(), y], 0)
+    x, y, seed = next(iter(dm.train_dataloader()))
+    out, y2 = dm.on_after_batch_transfer([x.clone(), y, seed], 0)
     return x, out, y2
 
 
@@ -67,23 +67,66 @@ def test_random_translate_moves_each_image_by_its_own_whole_pixel_shift() -> Non
     assert torch.equal(random_translate(x, 2), out)  # reproducible with the seed
 
 
+def _rows(images: torch.Tensor) -> set[bytes]:
+    return {image.numpy().tobytes() for image in images}
+
+
 def test_split_sizes_disjoint_and_fixed(data_root: Path) -> None:
     dm = _module(data_root, val_size=20)
     dm.prepare_data()
     dm.setup("fit")
     assert len(dm.train_set) == N_TRAIN - 20 and len(dm.val_set) == 20
-    train_idx, val_idx = set(dm.train_set.indices), set(dm.val_set.indices)
-    assert not train_idx & val_idx and train_idx | val_idx == set(range(N_TRAIN))
+    train, val = _rows(dm.train_set.images[:, 0]), _rows(dm.val_set.images[:, 0])
+    everything = _rows(torch.from_numpy(synthetic_split(N_TRAIN, seed=0)[0]))
+    assert len(everything) == N_TRAIN  # the synthetic images are all different
+    assert not train & val and train | val == everything
     again = _module(data_root, val_size=20)
     again.setup("fit")
-    assert set(again.val_set.indices) == val_idx  # the same images held out in every run
+    assert _rows(again.val_set.images[:, 0]) == val  # the same images held out in every run
     other = _module(data_root, val_size=20, split_seed=1)
     other.setup("fit")
-    assert set(other.val_set.indices) != val_idx
+    assert _rows(other.val_set.images[:, 0]) != val
     dm.setup("test")
-    assert len(dm.test_set) == N_TEST  # the official test split, untouched by the split
     images, labels = synthetic_split(N_TEST, seed=1)
-    assert torch.equal(dm.test_set.tensors[1], torch.from_numpy(labels).long())
+    assert torch.equal(dm.test_set.labels, torch.from_numpy(labels).long())  # the official test split, in order
+    assert torch.equal(dm.test_set.images[:, 0], torch.from_numpy(images))
+
+
+def test_loaders_index_whole_batches(data_root: Path) -> None:
+    dm = _module(data_root, val_size=16, batch_size=10)
+    dm.setup("fit")
+    batches = list(dm.train_dataloader())
+    assert [len(b[1]) for b in batches] == [10] * 8  # 80 training images
+    labels = torch.cat([b[1] for b in batches])
+    assert sorted(labels.tolist()) == sorted(dm.train_set.labels.tolist())  # each image once per epoch
+    val = list(dm.val_dataloader())
+    assert torch.equal(torch.cat([b[1] for b in val]), dm.val_set.labels)  # evaluation in order
+
+
+def _epoch(sampler: EpochBatchSampler, epoch: int) -> list[tuple[int, list[int]]]:
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def test_sampler_order_depends_only_on_seed_and_epoch() -> None:
+    a, b = EpochBatchSampler(50, 8, shuffle=True, seed=3), EpochBatchSampler(50, 8, shuffle=True, seed=3)
+    epochs_a = [_epoch(a, e) for e in range(3)]
+    assert _epoch(b, 2) == epochs_a[2]  # epoch 2 without running epochs 0 and 1 first
+    assert epochs_a[0] != epochs_a[1]  # a new permutation every epoch
+    for batches in epochs_a:
+        assert sorted(i for _, idx in batches for i in idx) == list(range(50))
+        assert len({seed for seed, _ in batches}) == len(batches) == 7  # one augmentation seed per batch
+    assert _epoch(EpochBatchSampler(50, 8, shuffle=True, seed=4), 0) != epochs_a[0]
+
+
+def test_sampler_resumes_part_way_into_an_epoch() -> None:
+    full = _epoch(EpochBatchSampler(50, 8, shuffle=True, seed=3), 4)
+    resumed = EpochBatchSampler(50, 8, shuffle=True, seed=3)
+    resumed.resume(epoch=4, batches_done=3)
+    assert list(resumed) == full[3:]  # neither replays nor skips a batch
+    assert list(resumed) == full  # the skip applies to one iteration only
+    resumed.resume(epoch=4, batches_done=3)
+    assert _epoch(resumed, 5) == _epoch(EpochBatchSampler(50, 8, shuffle=True, seed=3), 5)  # nor to another epoch
 
 
 def test_val_size_must_leave_training_images(data_root: Path) -> None:
@@ -102,10 +145,9 @@ def test_gz_files_are_decompressed(tmp_path: Path) -> None:
         "train-images-idx3-ubyte",
         "train-labels-idx1-ubyte",
     ]  # no temporary files left beside them
-    dm.setup("fit")
-    images, _ = synthetic_split(N_TRAIN, seed=0)
-    full = dm.train_set.dataset.tensors[0]
-    assert torch.equal(full[:, 0], torch.from_numpy(images))
+    dm.setup("test")
+    images, _ = synthetic_split(N_TEST, seed=1)
+    assert torch.equal(dm.test_set.images[:, 0], torch.from_numpy(images))
 
 
 @pytest.mark.parametrize(("name", "folder"), [("fashion_mnist", "FashionMNIST"), ("kmnist", "KMNIST")])
@@ -169,6 +211,7 @@ def test_bad_files_give_a_clear_error(data_root: Path, case: str) -> None:
     with pytest.raises(DataError, match=expected) as err:
         _module(data_root).prepare_data()
     assert "MNIST/raw/train-" in str(err.value)  # names the file
+    assert not [p for p in (data_root / "MNIST" / "raw").iterdir() if p.name.startswith(".")]  # no temporary files
 
 
 def test_unknown_dataset() -> None:

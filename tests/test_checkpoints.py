@@ -1,0 +1,254 @@
+"""Interruption and bad input: exact resume, kill -9, signals, failing writes, NaN, unsafe checkpoints."""
+
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FULL_EPOCHS, TINY, make_dataset, run
+
+from senet_pl import checkpoints
+from senet_pl.checkpoints import TEMP_PREFIX, AtomicCheckpointIO, CheckpointError, load_checkpoint
+from senet_pl.cli import main
+
+CHECKPOINTS = Path("lightning_logs/mnist/version_0/checkpoints")
+STEPS_PER_EPOCH = 10  # 80 synthetic training images in batches of 8
+
+
+def fit(*args: str) -> None:
+    """``python -m senet_pl fit`` in-process (faster than a subprocess when the process itself is not under test)."""
+    try:
+        main(["fit", *args])
+    except SystemExit as exit_:
+        if exit_.code:
+            raise AssertionError(f"fit failed: {exit_.code}") from None
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["state_dict"]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not different, different
+
+
+# -- exact resume ------------------------------------------------------------------------------
+
+EXACT = [*FULL_EPOCHS, "--trainer.deterministic=true", "--trainer.max_epochs=2"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """last.ckpt of an uninterrupted 2-epoch run (shuffling and random shifts on)."""
+    cwd = tmp_path_factory.mktemp("uninterrupted")
+    make_dataset(cwd / "data")
+    previous = os.getcwd()
+    os.chdir(cwd)
+    try:
+        fit(*EXACT)
+    finally:
+        os.chdir(previous)
+    last = cwd / CHECKPOINTS / "last.ckpt"
+    assert load_checkpoint(last)["global_step"] == 2 * STEPS_PER_EPOCH
+    return last
+
+
+def test_resume_at_epoch_boundary_is_bitwise_exact(tmp_path: Path, uninterrupted: Path) -> None:
+    make_dataset(tmp_path / "data")
+    fit(*EXACT, "--trainer.max_epochs=1")
+    assert load_checkpoint(CHECKPOINTS / "last.ckpt")["global_step"] == STEPS_PER_EPOCH
+    fit(*EXACT, "--ckpt_path=last")
+    assert load_checkpoint(CHECKPOINTS / "last.ckpt")["global_step"] == 2 * STEPS_PER_EPOCH
+    assert_same_weights(CHECKPOINTS / "last.ckpt", uninterrupted)
+
+
+def test_resume_mid_epoch_neither_replays_nor_skips(tmp_path: Path, uninterrupted: Path) -> None:
+    make_dataset(tmp_path / "data")
+    # Stop 4 steps into the second epoch, with last.ckpt written every 2 steps.
+    fit(*EXACT, "--trainer.max_steps=14", "--last_checkpoint.every_n_train_steps=2")
+    state = load_checkpoint(CHECKPOINTS / "last.ckpt")
+    assert state["global_step"] == 14
+    assert state["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches_done": 4}]
+    fit(*EXACT, "--ckpt_path=last")
+    assert load_checkpoint(CHECKPOINTS / "last.ckpt")["global_step"] == 2 * STEPS_PER_EPOCH  # not off by one
+    assert_same_weights(CHECKPOINTS / "last.ckpt", uninterrupted)
+
+
+def test_changing_the_seed_changes_the_run(tmp_path: Path, uninterrupted: Path) -> None:
+    """The exactness tests above could pass if nothing were random; this one shows that something is."""
+    make_dataset(tmp_path / "data")
+    fit(*EXACT, "--seed_everything=7")
+    assert not torch.equal(weights(CHECKPOINTS / "last.ckpt")["model.fc.weight"], weights(uninterrupted)["model.fc.weight"])
+
+
+# -- faults --------------------------------------------------------------------------------------
+
+
+def _checkpoint_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if folder.exists() else []
+
+
+def test_kill_9_at_random_moments_never_breaks_a_checkpoint(tmp_path: Path) -> None:
+    make_dataset(tmp_path / "data")
+    args = ["fit", *FULL_EPOCHS, "--trainer.max_epochs=3", "--last_checkpoint.every_n_train_steps=1"]
+    folder = tmp_path / CHECKPOINTS
+    rng = random.Random(0)
+    partial_seen = 0
+    for attempt in range(4):
+        resume = ["--ckpt_path=last"] if _checkpoint_files(folder) else []
+        proc = subprocess.Popen([sys.executable, "-m", "senet_pl", *args, *resume], cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # wait until this process is writing checkpoints, then kill it at a random moment
+        start = time.monotonic()
+        while time.monotonic() - start < 120 and proc.poll() is None:
+            if any(p.stat().st_mtime > start for p in _checkpoint_files(folder)):
+                break
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL, f"attempt {attempt}: the run ended before it was killed"
+        partial_seen += any(p.name.startswith(TEMP_PREFIX) for p in folder.iterdir())
+        for ckpt in _checkpoint_files(folder):  # the newest, and every other one, loads
+            assert load_checkpoint(ckpt)["global_step"] > 0
+    result = run(tmp_path, *args, "--ckpt_path=last")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert load_checkpoint(folder / "last.ckpt")["global_step"] == 3 * STEPS_PER_EPOCH
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(TEMP_PREFIX)]  # cleaned up
+    print(f"{partial_seen} of 4 kills landed during a checkpoint write")
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_and_ctrl_c_write_a_checkpoint_and_exit_nonzero(tmp_path: Path, signum: int, status: int) -> None:
+    make_dataset(tmp_path / "data")
+    args = ["fit", *FULL_EPOCHS, "--trainer.max_epochs=3"]
+    proc = subprocess.Popen([sys.executable, "-m", "senet_pl", *args], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    last = tmp_path / CHECKPOINTS / "last.ckpt"
+    start = time.monotonic()
+    while not last.exists() and time.monotonic() - start < 120:  # training has started
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == status, stderr[-2000:]
+    assert "last.ckpt written; resume with --ckpt_path last" in stderr
+    stopped_at = load_checkpoint(last)["global_step"]
+    assert STEPS_PER_EPOCH <= stopped_at < 3 * STEPS_PER_EPOCH
+    resumed = run(tmp_path, *args, "--ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert load_checkpoint(last)["global_step"] == 3 * STEPS_PER_EPOCH
+
+
+def _fail_after(calls: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CALLS-th checkpoint write, and every one after it, writes some bytes and hits a full disk."""
+    real_save = torch.save
+    count = {"n": 0}
+
+    def save(obj, f, *args, **kwargs):
+        count["n"] += 1
+        if count["n"] >= calls:
+            f.write(b"partial data")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints.torch, "save", save)
+
+
+def test_failing_write_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": torch.tensor(1)}, path)
+    _fail_after(1, monkeypatch)
+    with pytest.raises(CheckpointError, match=r"could not write checkpoint .*last.ckpt: No space left on device; "
+                                              r"the previous last.ckpt is intact"):
+        io.save_checkpoint({"step": torch.tensor(2)}, path)
+    assert load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left
+
+
+def test_full_disk_during_training_is_reported_and_loses_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_dataset(tmp_path / "data")
+    _fail_after(3, monkeypatch)  # epoch 0 writes best + last; every write after that fails
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", *TINY, "--trainer.max_epochs=3"])
+    assert "could not write checkpoint" in str(exit_.value.code) and "No space left" in str(exit_.value.code)
+    assert load_checkpoint(CHECKPOINTS / "last.ckpt")["global_step"] == 3  # epoch 0's, intact
+    assert not [p for p in CHECKPOINTS.iterdir() if p.name.startswith(TEMP_PREFIX)]
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_good_checkpoints(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_dataset(tmp_path / "data")
+    import senet_pl.module
+
+    real = senet_pl.module.F.cross_entropy
+    training_calls = {"n": 0}
+
+    def cross_entropy(logits, target, *args, **kwargs):
+        loss = real(logits, target, *args, **kwargs)
+        if torch.is_grad_enabled():
+            training_calls["n"] += 1
+            if training_calls["n"] == 5:  # the second step of the second epoch (3 steps per epoch)
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(senet_pl.module.F, "cross_entropy", cross_entropy)
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", *TINY, "--trainer.max_epochs=3"])
+    message = str(exit_.value.code)
+    assert "the training loss is nan at step 4 (epoch 1, batch 1)" in message
+    files = sorted(p.name for p in CHECKPOINTS.iterdir())
+    assert len(files) == 2 and files[0].startswith("best-epoch00")  # nothing from the non-finite epoch
+    assert load_checkpoint(CHECKPOINTS / "last.ckpt")["global_step"] == 3
+    assert all(torch.isfinite(w).all() for w in weights(CHECKPOINTS / "last.ckpt").values() if w.is_floating_point())
+
+
+# -- safe loading ------------------------------------------------------------------------------
+
+
+class Payload:
+    """Pickles as a call to os.system: what a malicious checkpoint would run on a plain torch.load."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_with_pickled_code_is_refused_and_never_run(tmp_path: Path) -> None:
+    make_dataset(tmp_path / "data")
+    marker, evil = tmp_path / "pwned", tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"depth": 18}, "payload": Payload(marker)}, evil)
+    with pytest.raises(CheckpointError, match="refused to load .*evil.ckpt.*Nothing in it was run"):
+        load_checkpoint(evil)
+    for subcommand in ("test", "fit"):
+        with pytest.raises(SystemExit) as exit_:
+            main([subcommand, *TINY, f"--ckpt_path={evil}"])
+        assert "refused to load" in str(exit_.value.code)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random bytes", "empty"])
+def test_damaged_checkpoint_gives_an_error_naming_the_file(tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "model.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.randn(1000)}}, path)
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[: len(data) // 2], "random bytes": os.urandom(5000), "empty": b""}[damage])
+    with pytest.raises(CheckpointError, match=f"cannot read checkpoint {path}: it is truncated or not a checkpoint"):
+        load_checkpoint(path)
+
+
+def test_checkpoint_files_get_normal_permissions(tmp_path: Path) -> None:
+    path = tmp_path / "a.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"x": torch.zeros(1)}, path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
