@@ -27,7 +27,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from senet_pl.checkpoints import AtomicCheckpointIO, CheckpointError, GracefulStop, LatestCheckpoint, load_checkpoint
-from senet_pl.data import DataError, MNISTDataModule
+from senet_pl.data import DataError, EpochBatchSampler, MNISTDataModule
 from senet_pl.model import MIN_IMAGE_SIZE
 from senet_pl.module import NonFiniteLossError, SEResNetClassifier
 
@@ -51,7 +51,14 @@ class PredictionWriter(BasePredictionWriter):
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
         probs = torch.cat(predictions)
-        indices = [i for batch in batch_indices[0] for i in batch] if batch_indices else range(len(probs))
+        # The data module's loader yields whole batches, so Lightning cannot see the sample indices;
+        # its sampler lists them, for this process, in the order the predictions were made.
+        loader = trainer.predict_dataloaders
+        sampler = getattr(loader[0] if isinstance(loader, list) else loader, "sampler", None)
+        if isinstance(sampler, EpochBatchSampler):
+            indices = [i for _, batch in sampler for i in batch]
+        else:
+            indices = range(len(probs))
         confidence, label = probs.max(dim=1)
         suffix = f"_rank{trainer.global_rank}" if trainer.world_size > 1 else ""
         path = Path(trainer.log_dir or ".") / f"predictions{suffix}.csv"

@@ -23,7 +23,7 @@ import lightning.pytorch as L
 import torch
 import torch.nn.functional as F
 from jsonargparse.typing import NonNegativeInt, PositiveInt
-from torch.utils.data import DataLoader, Dataset, Sampler, random_split
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, random_split
 from torchvision.datasets import KMNIST, MNIST, FashionMNIST
 
 DatasetName = Literal["mnist", "fashion_mnist", "kmnist"]
@@ -98,17 +98,25 @@ def _mix(*values: int) -> int:
     return hash(values) & (2**63 - 1)
 
 
-class EpochBatchSampler(Sampler[tuple[int, list[int]]]):
+class EpochBatchSampler(DistributedSampler):
     """Yields ``(seed, indices)`` per batch; order and seed depend only on (seed, epoch, batch number).
 
     With ``shuffle`` each epoch is a fresh permutation drawn from a generator seeded with
     (seed, epoch), so it never depends on what ran before; the batch seed drives the batch's
     augmentation. ``resume`` starts the next iteration part-way into an epoch.
+
+    Under DDP each of the ``num_replicas`` processes takes every num_replicas-th batch of the
+    same order, so the shards are disjoint and cover the split. For training (``pad``) the order
+    is padded with its first batches so that every process takes the same number of steps;
+    evaluation is not padded, so that metrics count every image once. Being a DistributedSampler,
+    Lightning uses it as it is instead of wrapping it.
     """
 
-    def __init__(self, length: int, batch_size: int, shuffle: bool, seed: int = 0) -> None:
-        self.length, self.batch_size, self.shuffle, self.seed = length, batch_size, shuffle, seed
-        self.epoch = 0
+    def __init__(
+        self, length: int, batch_size: int, shuffle: bool, seed: int = 0, num_replicas: int = 1, rank: int = 0
+    ) -> None:
+        super().__init__(range(length), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.length, self.batch_size, self.pad = length, batch_size, shuffle
         self._skip = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -120,17 +128,25 @@ class EpochBatchSampler(Sampler[tuple[int, list[int]]]):
     def resume(self, epoch: int, batches_done: int) -> None:
         self.epoch, self._skip = epoch, batches_done
 
+    def _batches(self) -> range:
+        total = -(-self.length // self.batch_size)
+        if self.pad:  # the same number on every process
+            total = -(-total // self.num_replicas) * self.num_replicas
+        return range(self.rank, total, self.num_replicas)
+
     def __len__(self) -> int:
-        return -(-self.length // self.batch_size)
+        return len(self._batches())
 
     def __iter__(self):
         if self.shuffle:
             order = torch.randperm(self.length, generator=torch.Generator().manual_seed(_mix(self.seed, self.epoch)))
         else:
             order = torch.arange(self.length)
+        n_batches = -(-self.length // self.batch_size)
         skip, self._skip = self._skip, 0
-        for b in range(skip, len(self)):
-            yield _mix(self.seed, self.epoch, b), order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
+        for b in self._batches()[skip:]:
+            start = (b % n_batches) * self.batch_size  # padding batches wrap around to the start
+            yield _mix(self.seed, self.epoch, b), order[start : start + self.batch_size].tolist()
 
 
 class ResumableLoader(DataLoader):
@@ -262,7 +278,9 @@ class MNISTDataModule(L.LightningDataModule):
         workers = {"num_workers": self.hparams.num_workers, "persistent_workers": self.hparams.num_workers > 0}
         # The global seed set by seed_everything (LightningCLI's seed_everything), as Lightning's own
         # DistributedSampler uses it.
-        sampler = EpochBatchSampler(len(dataset), self.hparams.batch_size, shuffle, int(os.environ.get("PL_GLOBAL_SEED", 0)))
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        shards = {"num_replicas": self.trainer.world_size, "rank": self.trainer.global_rank} if self.trainer else {}
+        sampler = EpochBatchSampler(len(dataset), self.hparams.batch_size, shuffle, seed, **shards)
         if shuffle:
             return ResumableLoader(dataset, sampler, self, **workers)
         return DataLoader(dataset, sampler=sampler, batch_size=None, **workers)

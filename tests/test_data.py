@@ -16,7 +16,7 @@ def _module(root: Path, **kwargs) -> MNISTDataModule:
 
 
 def _transform(dm: MNISTDataModule, training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dm.trainer = SimpleNamespace(training=training)
+    dm.trainer = SimpleNamespace(training=training, world_size=1, global_rank=0)
     x, y, seed = next(iter(dm.train_dataloader()))
     out, y2 = dm.on_after_batch_transfer([x.clone(), y, seed], 0)
     return x, out, y2
@@ -217,3 +217,20 @@ def test_bad_files_give_a_clear_error(data_root: Path, case: str) -> None:
 def test_unknown_dataset() -> None:
     with pytest.raises(DataError, match="unknown dataset 'cifar'"):
         MNISTDataModule(dataset="cifar")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_sampler_shards_are_disjoint_and_cover_the_split(replicas: int) -> None:
+    def shards(shuffle: bool) -> list[list[tuple[int, list[int]]]]:
+        samplers = [EpochBatchSampler(50, 8, shuffle, seed=3, num_replicas=replicas, rank=r) for r in range(replicas)]
+        return [_epoch(s, 1) for s in samplers]
+
+    train = shards(shuffle=True)
+    assert len({len(s) for s in train}) == 1  # every process takes the same number of steps
+    batches = [tuple(idx) for shard in train for _, idx in shard]
+    single = [tuple(idx) for _, idx in _epoch(EpochBatchSampler(50, 8, shuffle=True, seed=3), 1)]
+    assert set(batches) == set(single)  # the single-process epoch, split among processes
+    seeds = [seed for shard in train for seed, _ in shard]
+    assert len(set(seeds)) == len(seeds)  # padding batches get their own augmentation seeds
+    evaluation = [i for shard in shards(shuffle=False) for _, idx in shard for i in idx]
+    assert sorted(evaluation) == list(range(50))  # evaluation: every image exactly once
