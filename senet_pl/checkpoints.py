@@ -38,10 +38,13 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be written or read; the message names the file."""
 
 
-def load_checkpoint(path: _PATH, map_location: Any = "cpu") -> dict[str, Any]:
-    """``torch.load(weights_only=True)`` with one-line errors that name the file."""
+def load_checkpoint(path: _PATH, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` with one-line errors that name the file.
+
+    ``mmap=True`` checks and reads the structure without reading the tensors' bytes.
+    """
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path}: no such file.") from None
     except pickle.UnpicklingError as err:
@@ -54,6 +57,8 @@ def load_checkpoint(path: _PATH, map_location: Any = "cpu") -> dict[str, Any]:
             ) from None
         raise CheckpointError(f"cannot read checkpoint {path}: it is truncated or not a checkpoint.") from None
     except Exception as err:  # truncated zip, random bytes, wrong format: torch raises RuntimeError and others
+        if mmap and "mmap can only be used" in str(err):  # not a zip archive: read it the plain way
+            return load_checkpoint(path, map_location)
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(f"cannot read checkpoint {path}: it is truncated or not a checkpoint ({first}).") from None
 

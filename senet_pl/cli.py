@@ -70,7 +70,9 @@ class PredictionWriter(BasePredictionWriter):
 
 
 def _cpu_has_bf16() -> bool:
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    # torch has no public query for this; its private checks may be missing in other versions
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def resolve_precision(precision: str | int | None, accelerator: str) -> str | int | None:
@@ -118,47 +120,50 @@ class SENetCLI(LightningCLI):
             return Path(logger.init_args.save_dir) / (logger.init_args.name or "")
         return None
 
-    def _parse_ckpt_path(self) -> None:
-        """Resolve ``--ckpt_path last|best|auto`` against the newest run on disk, then let Lightning read it.
+    def _resolve_named_checkpoint(self, name: str, subcommand: str) -> str | None:
+        """The file that ``--ckpt_path last|best|auto`` means: from the newest run of the configured logger.
 
         ``auto`` (for job scripts that are rerun, e.g. requeued on SLURM) is ``last`` when a run exists
-        and a new run otherwise; ``last`` with nothing to resume is an error, never a silent fresh start.
+        and None (a new run) otherwise; ``last`` with nothing to resume is an error, never a silent fresh start.
         """
+        root = self._logger_root()
+        runs = sorted(root.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime) if root else []
+        if not runs:
+            if name == "auto" and subcommand == "fit":
+                print("--ckpt_path auto: no run to resume, starting a new one", file=sys.stderr)
+                return None
+            where = f"under {root}/" if root else "(no TensorBoard logger is configured)"
+            raise CLIError(
+                f"--ckpt_path {name}: no run {where} has a checkpoints/last.ckpt. Give the path of a "
+                "checkpoint, leave --ckpt_path out to start a new run, or use --ckpt_path auto (fit only) to "
+                "resume if there is a run and start one otherwise."
+            )
+        path = runs[-1]
+        if name == "best":  # the best-checkpoint callback's record, kept in every checkpoint
+            callbacks = load_checkpoint(path, mmap=True).get("callbacks", {})
+            best = [s["best_model_path"] for s in callbacks.values() if s.get("monitor") and s.get("best_model_path")]
+            if not best or not Path(best[0]).is_file():
+                raise CLIError(f"--ckpt_path best: {path} records no best checkpoint that still exists.")
+            path = Path(best[0])
+        print(f"--ckpt_path {name} resolved to {path}", file=sys.stderr)
+        return str(path)
+
+    def _parse_ckpt_path(self) -> None:
+        """Resolve ``--ckpt_path last|best|auto``, check the file loads safely, then let Lightning read it."""
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return
         cfg = self.config[subcommand]
-        ckpt = cfg.get("ckpt_path")
-        root = self._logger_root()
-        if ckpt in ("last", "best", "auto"):
-            runs = sorted(root.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime) if root else []
-            if not runs and ckpt == "auto" and subcommand == "fit":
-                print("--ckpt_path auto: no run to resume, starting a new one", file=sys.stderr)
-                cfg.ckpt_path = ckpt = None
-            elif not runs:
-                where = f"under {root}/" if root else "(no TensorBoard logger is configured)"
-                raise CLIError(
-                    f"--ckpt_path {ckpt}: no run {where} has a checkpoints/last.ckpt. Give the path of a "
-                    "checkpoint, leave --ckpt_path out to start a new run, or use --ckpt_path auto (fit only) to "
-                    "resume if there is a run and start one otherwise."
-                )
-        if ckpt in ("last", "best", "auto"):
-            resolved = runs[-1]
-            if ckpt == "best":
-                callbacks = load_checkpoint(resolved).get("callbacks", {})
-                best = [s["best_model_path"] for s in callbacks.values() if s.get("monitor") and s.get("best_model_path")]
-                if not best or not Path(best[0]).is_file():
-                    raise CLIError(f"--ckpt_path best: {resolved} records no best checkpoint that still exists.")
-                resolved = Path(best[0])
-            cfg.ckpt_path = ckpt = str(resolved)
-            print(f"--ckpt_path resolved to {ckpt}", file=sys.stderr)
-        if ckpt:
-            load_checkpoint(ckpt)  # refuses unsafe or unreadable files with a clear error, before Lightning reads them
+        if cfg.get("ckpt_path") in ("last", "best", "auto"):
+            cfg.ckpt_path = self._resolve_named_checkpoint(cfg.ckpt_path, subcommand)
+        if cfg.ckpt_path:
+            load_checkpoint(cfg.ckpt_path, mmap=True)  # refuses unsafe or unreadable files before Lightning reads them
         # Resuming a run: log into its own version folder, so its TensorBoard curves continue.
-        if subcommand == "fit" and ckpt and root and cfg.trainer.logger.init_args.version is None:
-            run_dir = Path(ckpt).resolve().parent.parent
-            if Path(ckpt).resolve().parent.name == "checkpoints" and run_dir.parent == root.resolve():
-                cfg.trainer.logger.init_args.version = run_dir.name
+        root = self._logger_root()
+        if subcommand == "fit" and cfg.ckpt_path and root and cfg.trainer.logger.init_args.version is None:
+            ckpt = Path(cfg.ckpt_path).resolve()
+            if ckpt.parent.name == "checkpoints" and ckpt.parent.parent.parent == root.resolve():
+                cfg.trainer.logger.init_args.version = ckpt.parent.parent.name
         super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:

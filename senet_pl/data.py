@@ -68,7 +68,13 @@ def _check_idx(path: Path, ndim: int) -> tuple[int, ...]:
 
 def _decompress(gz: Path, target: Path) -> None:
     """Decompress ``gz`` to ``target`` atomically, so a failure never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    except OSError as err:
+        raise DataError(
+            f"cannot decompress {gz.name} in {target.parent} ({err.strerror}): copy the .gz files into "
+            f"<folder>/{target.parent.parent.name}/raw/ of a writable folder and pass it as --data.data_dir."
+        ) from None
     try:
         with gzip.open(gz, "rb") as src, os.fdopen(fd, "wb") as dst:
             shutil.copyfileobj(src, dst)

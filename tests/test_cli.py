@@ -86,7 +86,7 @@ def test_resume_from_last_continues_the_same_run(tmp_path: Path) -> None:
 
     resumed = run(tmp_path, "fit", *TINY, *never_improves, "--trainer.max_epochs=3", "--ckpt_path=last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resolved to lightning_logs/mnist/version_0/checkpoints/last.ckpt" in resumed.stderr
+    assert "--ckpt_path last resolved to lightning_logs/mnist/version_0/checkpoints/last.ckpt" in resumed.stderr
     runs = sorted(p.name for p in (tmp_path / "lightning_logs" / "mnist").iterdir())
     assert runs == ["version_0"]  # resumed into its own folder: no new version
     assert torch.load(checkpoints / "last.ckpt", weights_only=True, map_location="cpu")["global_step"] == 9

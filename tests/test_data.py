@@ -150,6 +150,18 @@ def test_gz_files_are_decompressed(tmp_path: Path) -> None:
     assert torch.equal(dm.test_set.images[:, 0], torch.from_numpy(images))
 
 
+def test_read_only_gz_folder_says_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_dataset(tmp_path, compress=True)
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("senet_pl.data.tempfile.mkstemp", read_only)  # the tests run as root: chmod would not stop them
+    with pytest.raises(DataError, match=r"cannot decompress .*\(Permission denied\): copy the .gz files into "
+                                        r"<folder>/MNIST/raw/ of a writable folder and pass it as --data.data_dir"):
+        _module(tmp_path).prepare_data()
+
+
 @pytest.mark.parametrize(("name", "folder"), [("fashion_mnist", "FashionMNIST"), ("kmnist", "KMNIST")])
 def test_siblings_use_their_folder_and_statistics(tmp_path: Path, name: str, folder: str) -> None:
     make_dataset(tmp_path, folder=folder)
