@@ -28,6 +28,7 @@ class SEResNetClassifier(L.LightningModule):
         num_classes: PositiveInt = 10,
         in_channels: PositiveInt = 1,
         channels_last: bool = True,
+        compile: bool = False,
         # A lambda, not a function, so that --print_config shows SGD and its arguments.
         optimizer: OptimizerCallable = lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=5e-4),
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -43,6 +44,8 @@ class SEResNetClassifier(L.LightningModule):
             in_channels: image channels; the CLI links it from the data module.
             channels_last: keep weights and activations in NHWC, which is faster with mixed precision
                 on recent GPUs and on CPUs with oneDNN.
+            compile: compile the model with torch.compile (in place, so checkpoints stay interchangeable);
+                the first steps are slow while it compiles. Off by default: see the README's benchmark.
             optimizer: the optimizer, built from the model's parameters (default: SGD, lr 0.05,
                 momentum 0.9, weight decay 5e-4).
             lr_scheduler: optional learning-rate schedule, stepped once per epoch.
@@ -56,6 +59,8 @@ class SEResNetClassifier(L.LightningModule):
         self.model = SEResNet(depth, stem, in_channels, num_classes, se, reduction)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
+        if compile:
+            self.model.compile()
         # Plain (micro) accuracy; one metric object per stage, so that their states never mix.
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")

@@ -1,0 +1,295 @@
+"""Benchmarks, side by side on whatever device is present: ``python -m senet_pl.bench --data_dir DIR``.
+
+1. data path: images/s delivered by the tutorial-style pipeline (per-sample PIL ``Resize``,
+   ``ToTensor``, ``Normalize`` in a DataLoader, batch 32) and by this project's (uint8 tensors in
+   memory, one indexing per batch, conversion/shift/resize/normalization on the device), at 28 and 224;
+2. training: images/s of the tutorial-style loop (fp32, NCHW, tutorial data pipeline, plain PyTorch)
+   and of this project's ``fit`` (Lightning Trainer with the default recipe's settings), same model;
+3. Lightning overhead: ``fit`` against a plain PyTorch loop doing the same work (same data path,
+   precision, memory format, optimizer, metric);
+4. peak memory of each case: CPU max RSS, and ``torch.cuda.max_memory_allocated`` on a GPU;
+5. with ``--compile``: ``fit`` with and without ``torch.compile``.
+
+Every case runs in its own process, so that its peak memory is its own. Timings skip warm-up steps.
+"""
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from types import SimpleNamespace
+
+import torch
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _datamodule(args: SimpleNamespace, size: int, batch: int):
+    from senet_pl.data import MNISTDataModule
+
+    dm = MNISTDataModule(
+        data_dir=args.data_dir, image_size=size, batch_size=batch, val_size=args.val_size, download=False
+    )
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def _tutorial_loader(args: SimpleNamespace, size: int, batch: int):
+    """The original tutorial's input pipeline: per-sample PIL transforms in a DataLoader."""
+    from torch.utils.data import DataLoader
+    from torchvision import transforms
+    from torchvision.datasets import MNIST
+
+    steps = [transforms.Resize(size)] if size != 28 else []
+    transform = transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
+    dataset = MNIST(args.data_dir, train=True, transform=transform, download=False)
+    return DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=args.workers)
+
+
+def _timed(batches, steps: int, warmup: int, step, device: torch.device) -> float:
+    """Images per second of ``step(batch)`` over ``steps`` batches after ``warmup`` batches."""
+    iterator = iter(batches)
+    for _ in range(warmup):
+        step(next(iterator))
+    _sync(device)
+    start, images = time.perf_counter(), 0
+    for _ in range(steps):
+        images += step(next(iterator))
+    _sync(device)
+    return images / (time.perf_counter() - start)
+
+
+def _endless(loader):
+    while True:
+        yield from loader
+
+
+def case_data(args: SimpleNamespace, kind: str, size: int, batch: int) -> float:
+    device = _device()
+    if kind == "tutorial":
+        loader = _tutorial_loader(args, size, batch)
+
+        def step(b):
+            x, y = b[0].to(device), b[1].to(device)
+            return len(y)
+    else:
+        dm = _datamodule(args, size, batch)
+        dm.trainer = SimpleNamespace(training=True, world_size=1, global_rank=0)  # shifts on, as in training
+        loader = dm.train_dataloader()
+
+        def step(b):
+            x, y = dm.on_after_batch_transfer([b[0].to(device), b[1].to(device), b[2]], 0)
+            return len(y)
+
+    return _timed(_endless(loader), args.data_steps, 2, step, device)
+
+
+def _model(channels_last: bool):
+    from senet_pl.model import SEResNet
+
+    model = SEResNet(depth=18, stem="cifar", in_channels=1, num_classes=10).to(_device())
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def case_train(args: SimpleNamespace, kind: str, size: int, batch: int) -> float:
+    device = _device()
+    steps, warmup = (args.steps, 2) if size <= 64 else (args.steps_224, 1)
+    if kind in ("fit", "fit_compiled"):
+        return _fit(args, size, batch, steps, warmup, compile=kind == "fit_compiled")
+    torch.manual_seed(0)
+    if kind == "tutorial":  # fp32, NCHW, SGD as in the tutorial, its data pipeline
+        model, loader = _model(channels_last=False), _endless(_tutorial_loader(args, size, batch))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.5)
+
+        def step(b):
+            x, y = b[0].to(device), b[1].to(device)
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            return len(y)
+
+        return _timed(loader, steps, warmup, step, device)
+
+    # "plain": exactly the work of this project's fit, in a plain loop
+    from torchmetrics.classification import MulticlassAccuracy
+
+    dm = _datamodule(args, size, batch)
+    dm.trainer = SimpleNamespace(training=True, world_size=1, global_rank=0)
+    model = _model(channels_last=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    accuracy = MulticlassAccuracy(10, average="micro").to(device)
+    dtype = torch.bfloat16 if _bf16(device) else torch.float16
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    def step(b):
+        x, y = dm.on_after_batch_transfer([b[0].to(device), b[1].to(device), b[2]], 0)
+        with torch.autocast(device.type, dtype=dtype):
+            logits = model(x.contiguous(memory_format=torch.channels_last))
+            loss = torch.nn.functional.cross_entropy(logits, y)
+        accuracy(logits, y)
+        optimizer.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return len(y)
+
+    return _timed(_endless(dm.train_dataloader()), steps, warmup, step, device)
+
+
+def _bf16(device: torch.device) -> bool:
+    from senet_pl.cli import resolve_precision
+
+    return resolve_precision("bf16-mixed", "gpu" if device.type == "cuda" else "cpu") == "bf16-mixed"
+
+
+def _fit(args: SimpleNamespace, size: int, batch: int, steps: int, warmup: int, compile: bool = False) -> float:
+    """This project's fit path: the default recipe's settings, timed by a callback between batches."""
+    import lightning.pytorch as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from senet_pl.cli import resolve_precision
+    from senet_pl.module import SEResNetClassifier
+
+    class Clock(L.Callback):
+        def __init__(self) -> None:
+            self.start = self.end = 0.0
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+            if trainer.global_step == warmup:
+                _sync(module.device)
+                self.start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            if trainer.global_step == warmup + steps:
+                _sync(module.device)
+                self.end = time.perf_counter()
+
+    dm = _datamodule(args, size, batch)
+    model = SEResNetClassifier(
+        depth=18,
+        stem="cifar",
+        compile=compile,
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4),
+    )
+    clock = Clock()
+    device = _device()
+    with tempfile.TemporaryDirectory() as logs:
+        trainer = L.Trainer(
+            max_steps=warmup + steps,
+            limit_val_batches=0,
+            precision=resolve_precision("bf16-mixed", "gpu" if device.type == "cuda" else "cpu"),
+            logger=TensorBoardLogger(logs, name="bench"),
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            callbacks=[clock],
+        )
+        trainer.fit(model, datamodule=dm)
+    return steps * batch / (clock.end - clock.start)
+
+
+def _run_case(name: str, argv: list[str]) -> dict:
+    """One case in a fresh process; returns its images/s and peak memory."""
+    result = subprocess.run(
+        [sys.executable, "-m", "senet_pl.bench", "--case", name, *argv], capture_output=True, text=True
+    )
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    if result.returncode or not lines:
+        raise SystemExit(f"benchmark case {name} failed:\n{result.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def _one_case(args: SimpleNamespace) -> None:
+    section, kind, size, batch = args.case.split(":")
+    function = case_data if section == "data" else case_train
+    images_per_s = function(args, kind, int(size), int(batch))
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    print(json.dumps({"images_per_s": images_per_s, "rss_mb": rss, "gpu_mb": gpu}))
+
+
+def bench(
+    data_dir: str = "data",
+    val_size: int = 1000,
+    batch_28: int = 128,
+    steps: int = 8,
+    steps_224: int = 2,
+    data_steps: int = 50,
+    workers: int = 0,
+    compile: bool = False,
+    skip_224_training: bool = False,
+    case: str | None = None,
+) -> None:
+    """Benchmark the data path, training throughput, Lightning overhead and peak memory, side by side.
+
+    Args:
+        data_dir: torchvision root holding MNIST/raw/ (.gz files are decompressed on first use).
+        val_size: images held out of the training split, as in training (they are not used here).
+        batch_28: batch size of the 28x28 training rows.
+        steps: timed training steps at 28x28 (after 2 warm-up steps).
+        steps_224: timed training steps at 224x224, batch 32 (after 1 warm-up step).
+        data_steps: timed batches of the data-path rows.
+        workers: DataLoader worker processes of the tutorial-style pipeline.
+        compile: add a row comparing fit with and without torch.compile.
+        skip_224_training: leave out the slow 224x224 training rows.
+        case: internal: run one case in this process and print its result as JSON.
+    """
+    args = SimpleNamespace(**locals())
+    if case:
+        return _one_case(args)
+
+    from senet_pl.data import MNISTDataModule
+
+    MNISTDataModule(data_dir=data_dir, download=False).prepare_data()  # a clear error before any timing
+    argv = sys.argv[1:]
+    rows = []
+
+    def pair(label: str, left: str, right: str) -> None:
+        a, c = _run_case(left, argv), _run_case(right, argv)
+        rows.append((label, a, c))
+        print(f"  {label}: {a['images_per_s']:.1f} vs {c['images_per_s']:.1f} img/s", file=sys.stderr, flush=True)
+
+    device = _device()
+    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, "
+          f"{os.cpu_count()} CPU threads, torch {torch.__version__}", file=sys.stderr)
+    b = batch_28
+    pair("data path, 28x28, batch 32", "data:tutorial:28:32", "data:ours:28:32")
+    pair("data path, 224x224, batch 32", "data:tutorial:224:32", "data:ours:224:32")
+    pair(f"training, 28x28, batch {b}: tutorial loop vs fit", f"train:tutorial:28:{b}", f"train:fit:28:{b}")
+    if not skip_224_training:
+        pair("training, 224x224, batch 32: tutorial loop vs fit", "train:tutorial:224:32", "train:fit:224:32")
+    pair(f"Lightning overhead, 28x28, batch {b}: plain loop vs fit", f"train:plain:28:{b}", f"train:fit:28:{b}")
+    if compile:
+        pair(f"torch.compile, 28x28, batch {b}: fit vs compiled fit", f"train:fit:28:{b}", f"train:fit_compiled:28:{b}")
+
+    def memory(m: dict) -> str:
+        gpu = f" / GPU {m['gpu_mb']:.0f} MB" if m["gpu_mb"] is not None else ""
+        return f"{m['rss_mb']:.0f} MB{gpu}"
+
+    print(f"\n| {'measurement (left vs right)':57s} | left img/s | right img/s | right/left | peak memory left | peak memory right |")
+    print(f"|{'-' * 59}|-----------:|------------:|-----------:|---|---|")
+    for label, a, c in rows:
+        ratio = c["images_per_s"] / a["images_per_s"]
+        print(f"| {label:57s} | {a['images_per_s']:10.1f} | {c['images_per_s']:11.1f} | {ratio:9.2f}x "
+              f"| {memory(a)} | {memory(c)} |")
+
+
+def main() -> None:
+    from jsonargparse import auto_cli
+
+    auto_cli(bench, args=sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()
