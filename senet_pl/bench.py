@@ -130,12 +130,12 @@ def case_train(args: SimpleNamespace, kind: str, size: int, batch: int) -> float
     model = _model(channels_last=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
     accuracy = MulticlassAccuracy(10, average="micro").to(device)
-    dtype = torch.bfloat16 if _bf16(device) else torch.float16
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(_precision(device))  # None: fp32
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     def step(b):
         x, y = dm.on_after_batch_transfer([b[0].to(device), b[1].to(device), b[2]], 0)
-        with torch.autocast(device.type, dtype=dtype):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = model(x.contiguous(memory_format=torch.channels_last))
             loss = torch.nn.functional.cross_entropy(logits, y)
         accuracy(logits, y)
@@ -148,10 +148,11 @@ def case_train(args: SimpleNamespace, kind: str, size: int, batch: int) -> float
     return _timed(_endless(dm.train_dataloader()), steps, warmup, step, device)
 
 
-def _bf16(device: torch.device) -> bool:
+def _precision(device: torch.device) -> str:
+    """What the default recipe's ``bf16-mixed`` becomes on this hardware."""
     from senet_pl.cli import resolve_precision
 
-    return resolve_precision("bf16-mixed", "gpu" if device.type == "cuda" else "cpu") == "bf16-mixed"
+    return resolve_precision("bf16-mixed", "gpu" if device.type == "cuda" else "cpu")
 
 
 def _fit(args: SimpleNamespace, size: int, batch: int, steps: int, warmup: int, compile: bool = False) -> float:
@@ -159,7 +160,6 @@ def _fit(args: SimpleNamespace, size: int, batch: int, steps: int, warmup: int, 
     import lightning.pytorch as L
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from senet_pl.cli import resolve_precision
     from senet_pl.module import SEResNetClassifier
 
     class Clock(L.Callback):
@@ -189,7 +189,7 @@ def _fit(args: SimpleNamespace, size: int, batch: int, steps: int, warmup: int, 
         trainer = L.Trainer(
             max_steps=warmup + steps,
             limit_val_batches=0,
-            precision=resolve_precision("bf16-mixed", "gpu" if device.type == "cuda" else "cpu"),
+            precision=_precision(device),
             logger=TensorBoardLogger(logs, name="bench"),
             enable_checkpointing=False,
             enable_model_summary=False,

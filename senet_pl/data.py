@@ -308,10 +308,14 @@ class MNISTDataModule(L.LightningDataModule):
         x, y, seed = batch
         x = x.float().div_(255)
         if self.hparams.translate and self.trainer is not None and self.trainer.training:
+            # before normalizing: the zeros shifted in are black only in [0, 1]
             x = random_translate(x, self.hparams.translate, torch.Generator(x.device).manual_seed(seed))
+        # Normalizing commutes with bilinear resizing (its weights sum to 1), so it is done at the
+        # native size and the resize is the only pass over the large image.
+        x = x.sub_(self.mean).div_(self.std)
         if x.shape[-1] != self.hparams.image_size:
             x = F.interpolate(x, size=self.hparams.image_size, mode="bilinear", align_corners=False)
-        return [x.sub_(self.mean).div_(self.std), y]
+        return [x, y]
 
 
 def random_translate(x: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:
