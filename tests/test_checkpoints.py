@@ -94,37 +94,51 @@ def test_changing_the_seed_changes_the_run(tmp_path: Path, uninterrupted: Path) 
 
 
 def _checkpoint_files(folder: Path) -> list[Path]:
-    return sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if folder.exists() else []
+    return sorted(folder.glob("*.ckpt"), key=_mtime) if folder.exists() else []
 
 
-def test_kill_9_at_random_moments_never_breaks_a_checkpoint(tmp_path: Path) -> None:
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:  # renamed away while we looked
+        return 0.0
+
+
+def _partials(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.name.startswith(TEMP_PREFIX)] if folder.exists() else []
+
+
+def test_kill_9_during_writes_and_at_random_moments_never_breaks_a_checkpoint(tmp_path: Path) -> None:
     make_dataset(tmp_path / "data")
-    args = ["fit", *FULL_EPOCHS, "--trainer.max_epochs=3", "--last_checkpoint.every_n_train_steps=1"]
-    folder = tmp_path / CHECKPOINTS
+    # one run folder for every attempt, each resuming whatever the previous one left (or starting)
+    args = ["fit", *FULL_EPOCHS, "--trainer.max_epochs=3", "--last_checkpoint.every_n_train_steps=1",
+            "--trainer.logger.init_args.version=run", "--ckpt_path=auto"]
+    folder = tmp_path / "lightning_logs/mnist/run/checkpoints"
     rng = random.Random(0)
-    partial_seen = 0
     for attempt in range(4):
-        resume = ["--ckpt_path=last"] if _checkpoint_files(folder) else []
-        proc = subprocess.Popen([sys.executable, "-m", "senet_pl", *args, *resume], cwd=tmp_path,
+        during_write = attempt % 2 == 0  # kills 0 and 2 land inside a checkpoint write, 1 and 3 anywhere
+        proc = subprocess.Popen([sys.executable, "-m", "senet_pl", *args], cwd=tmp_path,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        # wait until this process is writing checkpoints, then kill it at a random moment
-        start = time.monotonic()
-        while time.monotonic() - start < 120 and proc.poll() is None:
-            if any(p.stat().st_mtime > start for p in _checkpoint_files(folder)):
+        start = time.time()  # wall clock, as file modification times are
+        while time.time() - start < 120 and proc.poll() is None:
+            if during_write and any(_mtime(p) > start for p in _partials(folder)):
+                break  # a write of this process is in progress
+            if not during_write and any(_mtime(p) > start for p in _checkpoint_files(folder)):
+                time.sleep(rng.uniform(0.0, 1.5))  # it is writing checkpoints: kill at a random moment
                 break
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 1.5))
+            time.sleep(0.001)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert proc.returncode == -signal.SIGKILL, f"attempt {attempt}: the run ended before it was killed"
-        partial_seen += any(p.name.startswith(TEMP_PREFIX) for p in folder.iterdir())
+        if during_write:
+            assert _partials(folder), "the kill was meant to land inside a checkpoint write"
         for ckpt in _checkpoint_files(folder):  # the newest, and every other one, loads
             assert load_checkpoint(ckpt)["global_step"] > 0
-    result = run(tmp_path, *args, "--ckpt_path=last")
+    result = run(tmp_path, *args)
     assert result.returncode == 0, result.stderr[-2000:]
     assert load_checkpoint(folder / "last.ckpt")["global_step"] == 3 * STEPS_PER_EPOCH
-    assert not [p.name for p in folder.iterdir() if p.name.startswith(TEMP_PREFIX)]  # cleaned up
-    print(f"{partial_seen} of 4 kills landed during a checkpoint write")
+    assert not _partials(folder)  # the interrupted writes' temporary files are gone
+    assert [p.name for p in folder.parent.parent.iterdir()] == ["run"]  # every attempt worked in the same run
 
 
 @pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
