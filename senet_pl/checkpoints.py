@@ -21,7 +21,7 @@ import lightning.pytorch as L
 import torch
 from lightning.fabric.utilities.types import _PATH
 from jsonargparse.typing import NonNegativeInt
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -95,8 +95,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return load_checkpoint(path, map_location=map_location or "cpu")
 
 
-class LatestCheckpoint(Callback):
-    """Keeps ``last.ckpt`` current: after every validation, every N training steps if asked, and on SIGTERM/Ctrl-C.
+class LatestCheckpoint(Checkpoint):
+    """Keeps ``last.ckpt`` current: every epoch and validation, every N training steps if asked, and on SIGTERM/Ctrl-C.
 
     Lightning's ``ModelCheckpoint(save_last=True)`` (since 2.6) rewrites ``last.ckpt`` only when a
     top-k checkpoint is saved at the same step; with ``save_top_k=1`` it is then a copy of the
@@ -104,6 +104,12 @@ class LatestCheckpoint(Callback):
     N steps and every epoch. This callback does both, whatever the metrics do. It never saves on
     other exceptions (a NaN loss, a crash), so a good ``last.ckpt`` is not replaced by the state
     that failed.
+
+    It saves at the end of each training epoch (after the epoch's validation) and after
+    validations in the middle of an epoch. Being a ``Checkpoint``, Lightning runs it after the
+    other callbacks and after the ModelCheckpoint listed before it, so ``last.ckpt`` records the
+    best checkpoint as of this very step (``--ckpt_path best`` reads it there, and a resumed run
+    deletes the right old best).
     """
 
     def __init__(self, dirpath: str | None = None, every_n_train_steps: NonNegativeInt = 0) -> None:
@@ -120,7 +126,8 @@ class LatestCheckpoint(Callback):
     def _save(self, trainer: L.Trainer) -> None:
         if trainer.global_step == self._saved_step or trainer.sanity_checking or trainer.state.fn != "fit":
             return
-        dirpath = self.dirpath or (trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else None)
+        best = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
+        dirpath = self.dirpath or (best[0].dirpath if best else None)
         dirpath = dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "checkpoints")
         trainer.save_checkpoint(os.path.join(dirpath, "last.ckpt"), weights_only=False)
         self._saved_step = trainer.global_step
@@ -130,6 +137,12 @@ class LatestCheckpoint(Callback):
             self._save(trainer)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Only validations in the middle of an epoch: at an epoch's end ModelCheckpoint saves the best in
+        # on_train_epoch_end, which comes after the validation, and last.ckpt must record that best.
+        if not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            self._save(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._save(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:

@@ -167,7 +167,7 @@ class SENetCLI(LightningCLI):
         super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
-        cfg = self.config[self.subcommand]
+        cfg = self.config[self.subcommand] if self.subcommand else self.config  # run=False has no subcommand
         smallest = MIN_IMAGE_SIZE[cfg.model.stem]
         if cfg.data.image_size < smallest:
             raise CLIError(

@@ -94,6 +94,19 @@ def test_resume_from_last_continues_the_same_run(tmp_path: Path) -> None:
     assert steps == list(range(9))  # one curve: steps 0-5 from the first run, 6-8 after the resume
 
 
+def test_last_ckpt_records_the_current_best_and_resume_keeps_one_best(tmp_path: Path) -> None:
+    make_dataset(tmp_path / "data")
+    every_epoch_is_best = ["--checkpoint.monitor=epoch", "--checkpoint.mode=max"]
+    main(["fit", *TINY, *every_epoch_is_best, "--trainer.max_epochs=1"])
+    main(["fit", *TINY, *every_epoch_is_best, "--trainer.max_epochs=3", "--ckpt_path=last"])
+    checkpoints = tmp_path / "lightning_logs/mnist/version_0/checkpoints"
+    best = sorted(p.name for p in checkpoints.glob("best-*"))
+    assert len(best) == 1 and best[0].startswith("best-epoch02")  # the old best was deleted, not orphaned
+    state = torch.load(checkpoints / "last.ckpt", weights_only=True, map_location="cpu")["callbacks"]
+    (recorded,) = [s["best_model_path"] for s in state.values() if s.get("monitor") == "epoch"]
+    assert Path(recorded).name == best[0]  # last.ckpt was written after this validation's best
+
+
 def test_resume_without_a_checkpoint_is_refused(tmp_path: Path) -> None:
     make_dataset(tmp_path / "data")
     with pytest.raises(SystemExit) as exit_:
