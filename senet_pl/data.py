@@ -112,7 +112,7 @@ class EpochBatchSampler(DistributedSampler):
     augmentation. ``resume`` starts the next iteration part-way into an epoch.
 
     Under DDP each of the ``num_replicas`` processes takes every num_replicas-th batch of the
-    same order, so the shards are disjoint and cover the split. For training (``pad``) the order
+    same order, so the shards are disjoint and cover the split. For training (``shuffle``) the order
     is padded with its first batches so that every process takes the same number of steps;
     evaluation is not padded, so that metrics count every image once. Being a DistributedSampler,
     Lightning uses it as it is instead of wrapping it.
@@ -122,7 +122,8 @@ class EpochBatchSampler(DistributedSampler):
         self, length: int, batch_size: int, shuffle: bool, seed: int = 0, num_replicas: int = 1, rank: int = 0
     ) -> None:
         super().__init__(range(length), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
-        self.length, self.batch_size, self.pad = length, batch_size, shuffle
+        self.length, self.batch_size = length, batch_size
+        self.n_batches = -(-length // batch_size)  # the last one may be short
         self._skip = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -135,8 +136,8 @@ class EpochBatchSampler(DistributedSampler):
         self.epoch, self._skip = epoch, batches_done
 
     def _batches(self) -> range:
-        total = -(-self.length // self.batch_size)
-        if self.pad:  # the same number on every process
+        total = self.n_batches
+        if self.shuffle:  # training: padded to the same number on every process
             total = -(-total // self.num_replicas) * self.num_replicas
         return range(self.rank, total, self.num_replicas)
 
@@ -148,10 +149,9 @@ class EpochBatchSampler(DistributedSampler):
             order = torch.randperm(self.length, generator=torch.Generator().manual_seed(_mix(self.seed, self.epoch)))
         else:
             order = torch.arange(self.length)
-        n_batches = -(-self.length // self.batch_size)
         skip, self._skip = self._skip, 0
         for b in self._batches()[skip:]:
-            start = (b % n_batches) * self.batch_size  # padding batches wrap around to the start
+            start = (b % self.n_batches) * self.batch_size  # padding batches wrap around to the start
             yield _mix(self.seed, self.epoch, b), order[start : start + self.batch_size].tolist()
 
 
