@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import N_TEST, N_TRAIN, make_dataset, synthetic_split, write_idx
 
-from senet_pl.data import DATASETS, DataError, EpochBatchSampler, MNISTDataModule, random_translate
+from senet_pl.data import DATASETS, DataError, EpochBatchSampler, MNISTDataModule, random_translate, resize_bilinear
 
 
 def _module(root: Path, **kwargs) -> MNISTDataModule:
@@ -65,6 +65,13 @@ def test_random_translate_moves_each_image_by_its_own_whole_pixel_shift() -> Non
     assert len(set(positions)) > 10  # independent draws per image
     torch.manual_seed(0)
     assert torch.equal(random_translate(x, 2), out)  # reproducible with the seed
+
+
+@pytest.mark.parametrize("size", [224, 64, 29, 16])
+def test_resize_bilinear_matches_interpolate(size: int) -> None:
+    x = torch.rand(5, 1, 28, 28, generator=torch.Generator().manual_seed(size))
+    expected = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(resize_bilinear(x, size), expected, atol=1e-6, rtol=0)
 
 
 def _rows(images: torch.Tensor) -> set[bytes]:
