@@ -85,7 +85,7 @@ def case_data(args: SimpleNamespace, kind: str, size: int, batch: int) -> float:
             return len(y)
     else:
         dm = _datamodule(args, size, batch)
-        dm.trainer = SimpleNamespace(training=True, world_size=1, global_rank=0)  # shifts on, as in training
+        dm.trainer = SimpleNamespace(training=True, world_size=1, global_rank=0, precision=_precision(device))  # as in fit
         loader = dm.train_dataloader()
 
         def step(b):
@@ -126,7 +126,7 @@ def case_train(args: SimpleNamespace, kind: str, size: int, batch: int) -> float
     from torchmetrics.classification import MulticlassAccuracy
 
     dm = _datamodule(args, size, batch)
-    dm.trainer = SimpleNamespace(training=True, world_size=1, global_rank=0)
+    dm.trainer = SimpleNamespace(training=True, world_size=1, global_rank=0, precision=_precision(device))
     model = _model(channels_last=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
     accuracy = MulticlassAccuracy(10, average="micro").to(device)

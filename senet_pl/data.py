@@ -11,10 +11,12 @@ checkpoint: a resumed run sees exactly the batches, in the order and with the sh
 an uninterrupted run would have seen.
 """
 
+import functools
 import gzip
 import os
 import shutil
 import struct
+import sys
 import tempfile
 from pathlib import Path
 from typing import Literal
@@ -26,6 +28,8 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, random_split
 from torchvision.datasets import KMNIST, MNIST, FashionMNIST
 
+from senet_pl.images import INK_BOX, Invert, read_folder
+
 DatasetName = Literal["mnist", "fashion_mnist", "kmnist"]
 
 # name -> (torchvision class, mean, std of the training split's pixels in [0, 1]).
@@ -36,6 +40,9 @@ DATASETS: dict[str, tuple[type[MNIST], float, float]] = {
     "fashion_mnist": (FashionMNIST, 0.2860, 0.3530),
     "kmnist": (KMNIST, 0.1918, 0.3483),
 }
+
+# The dtype a batch is delivered in, by Trainer precision: what autocast would cast it to.
+_INPUT_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 # IDX magic numbers (unsigned byte data): 0x00000801 for 1-d label files, 0x00000803 for 3-d images.
 _IDX_MAGIC = {1: 0x0801, 3: 0x0803}
@@ -191,6 +198,8 @@ class MNISTDataModule(L.LightningDataModule):
         translate: NonNegativeInt = 2,
         num_workers: NonNegativeInt = 0,
         download: bool = True,
+        predict_dir: str | None = None,
+        invert: Invert = "auto",
     ) -> None:
         """
         Args:
@@ -207,6 +216,11 @@ class MNISTDataModule(L.LightningDataModule):
                 original) in x and y, independently per image; 0 turns it off. Never applied to val/test.
             num_workers: DataLoader worker processes; 0 is fastest for in-memory tensors.
             download: download missing files with torchvision; with False, missing files are an error.
+            predict_dir: ``predict`` classifies the image files in this folder (PNG, JPEG, BMP, ... of any
+                size, colour or grayscale) instead of the test split; they are converted to look like the
+                training data (see ``images.py``) and the dataset files are not needed.
+            invert: for predict_dir: "auto" inverts images whose background is light (dark ink on paper),
+                since the datasets are light on black; "yes"/"no" force it.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -219,6 +233,9 @@ class MNISTDataModule(L.LightningDataModule):
         self.train_set: InMemoryImages | None = None
         self.val_set: InMemoryImages | None = None
         self.test_set: InMemoryImages | None = None
+        self.predict_set: InMemoryImages | None = None
+        self.predict_files: list[str] | None = None  # names of the predict_dir files, in predict order
+        self.predict_skipped: list[tuple[str, str]] = []  # (file name, reason)
 
     @property
     def raw_folder(self) -> Path:
@@ -228,8 +245,13 @@ class MNISTDataModule(L.LightningDataModule):
         prefix = "train" if train else "t10k"
         return self.raw_folder / f"{prefix}-images-idx3-ubyte", self.raw_folder / f"{prefix}-labels-idx1-ubyte"
 
+    def _predicting_folder(self) -> bool:
+        return self.hparams.predict_dir is not None and self.trainer is not None and self.trainer.predicting
+
     def prepare_data(self) -> None:
         """Decompress .gz files that are present, download what is missing, check every file's header."""
+        if self._predicting_folder():
+            return  # predicting on one's own images needs no dataset files
         missing = []
         for path in (*self._files(train=True), *self._files(train=False)):
             gz = path.with_name(path.name + ".gz")
@@ -277,8 +299,22 @@ class MNISTDataModule(L.LightningDataModule):
             train, val = (torch.tensor(s.indices) for s in random_split(range(n), [n - val_size, val_size], generator))
             self.train_set = InMemoryImages(images[train], labels[train])
             self.val_set = InMemoryImages(images[val], labels[val])
-        if stage in ("test", "predict") and self.test_set is None:
+        if stage == "predict" and self._predicting_folder():
+            self.predict_set = self._read_predict_dir()
+        elif stage in ("test", "predict") and self.test_set is None:
             self.test_set = InMemoryImages(*self._load(train=False))
+
+    def _read_predict_dir(self) -> InMemoryImages:
+        folder = Path(self.hparams.predict_dir)
+        if not folder.is_dir():
+            raise DataError(f"--data.predict_dir {folder} is not a folder: give the folder that holds your images.")
+        found = read_folder(folder, INK_BOX[self.hparams.dataset], self.hparams.invert)
+        for name, reason in found.skipped:
+            print(f"skipped {folder / name}: {reason}", file=sys.stderr)
+        if not found.files:
+            raise DataError(f"no readable image in {folder} ({len(found.skipped)} files skipped): nothing to predict.")
+        self.predict_files, self.predict_skipped = found.files, found.skipped
+        return InMemoryImages(found.images, torch.full((len(found.files),), -1))
 
     def _loader(self, dataset: InMemoryImages, shuffle: bool = False) -> DataLoader:
         workers = {"num_workers": self.hparams.num_workers, "persistent_workers": self.hparams.num_workers > 0}
@@ -301,7 +337,7 @@ class MNISTDataModule(L.LightningDataModule):
         return self._loader(self.test_set)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set)
+        return self._loader(self.predict_set if self._predicting_folder() else self.test_set)
 
     def on_after_batch_transfer(self, batch: list, dataloader_idx: int) -> list[torch.Tensor]:
         """uint8 (N, 1, 28, 28) -> normalized float (N, 1, S, S), on the device the batch is on."""
@@ -313,6 +349,9 @@ class MNISTDataModule(L.LightningDataModule):
         # Normalizing commutes with bilinear resizing (its weights sum to 1), so it is done at the
         # native size and the resize is the only pass over the large image.
         x = x.sub_(self.mean).div_(self.std)
+        # Under mixed precision the model's first layer computes in bf16/fp16 anyway: converting
+        # before the resize halves the bytes written at the large size.
+        x = x.to(_INPUT_DTYPES.get(str(getattr(self.trainer, "precision", "")), torch.float32))
         if x.shape[-1] != self.hparams.image_size:
             x = resize_bilinear(x, self.hparams.image_size)
         return [x, y]
@@ -343,9 +382,11 @@ def resize_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
     F.interpolate's per-pixel kernel; the results agree to float rounding (tested).
     """
     h, w = x.shape[-2:]
+    return _resize_weights(h, size, x.device, x.dtype) @ x @ _resize_weights(w, size, x.device, x.dtype).T
 
-    def weights(n: int) -> torch.Tensor:  # (size, n)
-        eye = torch.eye(n, device=x.device, dtype=x.dtype).unsqueeze(0)
-        return F.interpolate(eye, size=size, mode="linear", align_corners=False)[0].T
 
-    return weights(h) @ x @ weights(w).T
+@functools.lru_cache(maxsize=16)
+def _resize_weights(n: int, size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(size, n): row i holds the weights of the n inputs in output i (computed in fp32, then cast)."""
+    eye = torch.eye(n, device=device).unsqueeze(0)
+    return F.interpolate(eye, size=size, mode="linear", align_corners=False)[0].T.to(dtype).contiguous()

@@ -15,8 +15,10 @@ def _module(root: Path, **kwargs) -> MNISTDataModule:
     return MNISTDataModule(**kwargs)
 
 
-def _transform(dm: MNISTDataModule, training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dm.trainer = SimpleNamespace(training=training, world_size=1, global_rank=0)
+def _transform(
+    dm: MNISTDataModule, training: bool, precision: str = "32-true"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dm.trainer = SimpleNamespace(training=training, world_size=1, global_rank=0, precision=precision)
     x, y, seed = next(iter(dm.train_dataloader()))
     out, y2 = dm.on_after_batch_transfer([x.clone(), y, seed], 0)
     return x, out, y2
@@ -41,6 +43,16 @@ def test_resize_to_image_size(data_root: Path, size: int) -> None:
     assert out.shape == (8, 1, size, size)
     # bilinear resize keeps the image's mean brightness (up to border effects)
     torch.testing.assert_close(out.mean(), ((x.float() / 255 - 0.1307) / 0.3081).mean(), atol=0.05, rtol=0)
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("bf16-mixed", torch.bfloat16), ("16-mixed", torch.float16)])
+def test_mixed_precision_batches_arrive_in_the_autocast_dtype(data_root: Path, precision: str, dtype) -> None:
+    dm = _module(data_root, image_size=64, translate=0)
+    dm.setup("fit")
+    _, full, _ = _transform(dm, training=False)
+    _, half, _ = _transform(dm, training=False, precision=precision)
+    assert full.dtype == torch.float32 and half.dtype == dtype
+    torch.testing.assert_close(half.float(), full, atol=0.03, rtol=0.01)  # the same images, rounded
 
 
 def test_translation_only_in_training_and_per_sample(data_root: Path) -> None:
