@@ -1,4 +1,4 @@
-"""``python -m senet_pl {fit,validate,test,predict}``: LightningCLI with this project's defaults.
+"""``python -m senet_pl {fit,validate,test,predict,analyze}``: LightningCLI with this project's defaults.
 
 What it adds to LightningCLI:
 - ``num_classes``/``in_channels`` linked from the data module to the model;
@@ -15,10 +15,12 @@ What it adds to LightningCLI:
   exit status 130 after Ctrl-C and 143 after SIGTERM, once ``last.ckpt`` is written.
 """
 
+import csv
 import signal
 import sys
 from pathlib import Path
 
+import lightning.pytorch as L
 import torch
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonitor, ModelCheckpoint
@@ -28,6 +30,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from senet_pl.checkpoints import AtomicCheckpointIO, CheckpointError, GracefulStop, LatestCheckpoint, load_checkpoint
 from senet_pl.data import DataError, EpochBatchSampler, MNISTDataModule
+from senet_pl.excitation import ExcitationAnalysis, se_blocks
+from senet_pl.figures import TensorBoardFigures
 from senet_pl.model import MIN_IMAGE_SIZE
 from senet_pl.module import NonFiniteLossError, SEResNetClassifier
 
@@ -44,10 +48,15 @@ class ShortErrorParser(LightningArgumentParser):
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Writes ``predictions.csv`` (index in the predict set, predicted class, its probability) to the run folder."""
+    """Writes ``predictions.csv`` to the run folder: per image its predicted class, probability and top 3.
 
-    def __init__(self) -> None:
+    Images are named by their index in the test split, or by file name with ``--data.predict_dir``
+    (files that could not be read are listed in ``skipped.csv``).
+    """
+
+    def __init__(self, top: int = 3) -> None:
         super().__init__(write_interval="epoch")
+        self.top = top
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
         probs = torch.cat(predictions)
@@ -58,15 +67,46 @@ class PredictionWriter(BasePredictionWriter):
         if isinstance(sampler, EpochBatchSampler):
             indices = [i for _, batch in sampler for i in batch]
         else:
-            indices = range(len(probs))
-        confidence, label = probs.max(dim=1)
+            indices = list(range(len(probs)))
+        dm = trainer.datamodule
+        files = getattr(dm, "predict_files", None)
+        classes = getattr(getattr(dm, "dataset_cls", None), "classes", None)
+        top_p, top_k = probs.topk(min(self.top, probs.shape[1]), dim=1)
         suffix = f"_rank{trainer.global_rank}" if trainer.world_size > 1 else ""
-        path = Path(trainer.log_dir or ".") / f"predictions{suffix}.csv"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lines = ["index,prediction,confidence"]
-        lines += [f"{i},{c},{p:.6f}" for i, c, p in zip(indices, label.tolist(), confidence.tolist())]
-        path.write_text("\n".join(lines) + "\n")
+        folder = Path(trainer.log_dir or ".")
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"predictions{suffix}.csv"
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["file" if files else "index", "prediction", "class", "confidence", f"top{self.top}"])
+            for i, ks, ps in zip(indices, top_k.tolist(), top_p.tolist()):
+                name = classes[ks[0]] if classes else ks[0]
+                top = " ".join(f"{k}:{p:.4f}" for k, p in zip(ks, ps))
+                writer.writerow([files[i] if files else i, ks[0], name, f"{ps[0]:.6f}", top])
         print(f"predictions for {len(probs)} images written to {path}")
+        skipped = getattr(dm, "predict_skipped", None) if files else None
+        if skipped and trainer.is_global_zero:
+            with open(folder / "skipped.csv", "w", newline="") as f:
+                csv.writer(f).writerows([("file", "reason"), *skipped])
+            print(f"{len(skipped)} unreadable files listed in {folder / 'skipped.csv'}")
+
+
+class Trainer(L.Trainer):
+    """Lightning's Trainer plus the ``analyze`` subcommand."""
+
+    def analyze(self, model: SEResNetClassifier, datamodule: MNISTDataModule, ckpt_path: str | None = None) -> None:
+        """Excitation analysis (paper Sec. 7.2, Fig. 6): mean SE gates per class over the test split.
+
+        Args:
+            ckpt_path: the trained model: a checkpoint path, or "best"/"last" for the newest run's.
+        """
+        if not ckpt_path:
+            raise CLIError("analyze needs a trained model: add --ckpt_path PATH (or best / last).")
+        if not se_blocks(model.model):
+            raise CLIError(f"{ckpt_path} is a plain ResNet (se: false): it has no SE gates to analyze.")
+        classes = [name.split(" - ")[0] for name in datamodule.dataset_cls.classes]
+        self.callbacks.append(ExcitationAnalysis(classes))
+        self.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
 
 
 def _cpu_has_bf16() -> bool:
@@ -90,9 +130,14 @@ class SENetCLI(LightningCLI):
         # The optimizer is a model argument (--model.optimizer); no second, top-level group.
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("parser_class", ShortErrorParser)
-        callbacks = [LearningRateMonitor(), PredictionWriter(), graceful_stop or GracefulStop()]
+        callbacks = [LearningRateMonitor(), PredictionWriter(), TensorBoardFigures(), graceful_stop or GracefulStop()]
         kwargs.setdefault("trainer_defaults", {"callbacks": callbacks})
+        kwargs.setdefault("trainer_class", Trainer)
         super().__init__(SEResNetClassifier, MNISTDataModule, **kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "analyze": {"model", "datamodule"}}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
@@ -108,7 +153,8 @@ class SENetCLI(LightningCLI):
                 "checkpoint.auto_insert_metric_name": False,
                 "trainer.logger": {
                     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                    "init_args": {"save_dir": "lightning_logs", "name": "senet"},
+                    # No placeholder "hp_metric": TensorBoardFigures writes the HParams view with the real metrics.
+                    "init_args": {"save_dir": "lightning_logs", "name": "senet", "default_hp_metric": False},
                 },
             }
         )

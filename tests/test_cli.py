@@ -1,9 +1,12 @@
+import csv
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import N_TEST, REPO, TINY, make_dataset, run
+from test_images import mixed_folder
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from senet_pl import cli
 from senet_pl.cli import main, resolve_precision
@@ -39,6 +42,19 @@ def test_fit_writes_checkpoints_config_and_tensorboard_curves(trained: Path) -> 
         assert key in curves, sorted(curves)
     assert len(curves["train/loss"]) == 6  # 2 epochs x 3 steps
     assert len(curves["val/acc"]) == 2
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    images = events.Tags()["images"]
+    assert [e.step for e in events.Images("val/confusion_matrix")] == [3, 6]  # each validation, not the sanity check
+    assert "val/misclassified" in images
+    assert {f"val/se_gates/layer{i}" for i in range(1, 5)} <= set(events.Tags()["histograms"])
+    # HParams view: the settings, and the run's metrics named by their scalar tags
+    content = events.PluginTagToContent("hparams")
+    experiment = HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    assert {"val/acc", "val/loss", "train/acc"} <= {m.name.tag for m in experiment.metric_infos}
+    hparams = HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info.hparams
+    assert hparams["model/se"].number_value == 1 and hparams["optimizer"].string_value == "SGD"  # bools as 0/1
+    assert hparams["optimizer/lr"].number_value == 0.1 and hparams["data/dataset"].string_value == "mnist"
 
 
 def test_checkpoint_loads_safely_with_plain_hyperparameters(trained: Path) -> None:
@@ -61,16 +77,85 @@ def test_test_and_validate_from_checkpoints(trained: Path) -> None:
     assert "val/acc" in validated.stdout
 
 
+def _csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def test_predict_writes_one_row_per_test_image(trained: Path) -> None:
     result = run(trained, "predict", *TINY, "--ckpt_path=last")
     assert result.returncode == 0, result.stderr[-3000:]
-    (csv,) = (trained / "lightning_logs" / "mnist").glob("version_*/predictions.csv")
-    rows = csv.read_text().splitlines()
-    assert rows[0] == "index,prediction,confidence"
-    assert len(rows) == 1 + N_TEST
-    indices = sorted(int(r.split(",")[0]) for r in rows[1:])
-    assert indices == list(range(N_TEST))
-    assert all(0 <= int(r.split(",")[1]) < 10 and 0 < float(r.split(",")[2]) <= 1 for r in rows[1:])
+    (path,) = (trained / "lightning_logs" / "mnist").glob("version_*/predictions.csv")
+    rows = _csv(path)
+    assert list(rows[0]) == ["index", "prediction", "class", "confidence", "top3"]
+    assert sorted(int(r["index"]) for r in rows) == list(range(N_TEST))
+    for r in rows:
+        top = [item.split(":") for item in r["top3"].split()]
+        assert len(top) == 3 and top[0][0] == r["prediction"] and r["class"].startswith(r["prediction"] + " - ")
+        probabilities = [float(p) for _, p in top]
+        assert probabilities == sorted(probabilities, reverse=True) and 0 < float(r["confidence"]) <= 1
+        assert abs(float(r["confidence"]) - probabilities[0]) < 1e-4
+
+
+def test_predict_on_a_folder_of_own_images(trained: Path) -> None:
+    good = mixed_folder(trained / "mine")
+    data = trained / "data"
+    data.rename(trained / "elsewhere")  # one's own images need no dataset files
+    try:
+        result = run(trained, "predict", *TINY, "--ckpt_path=last", "--data.predict_dir=mine")
+    finally:
+        (trained / "elsewhere").rename(data)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipped mine/f_truncated.png: cannot decode" in result.stderr
+    assert "skipped mine/notes.txt: not an image" in result.stderr
+    (path,) = {p.parent for p in (trained / "lightning_logs" / "mnist").glob("version_*/skipped.csv")}
+    rows = _csv(path / "predictions.csv")
+    assert [r["file"] for r in rows] == good
+    assert all(0 <= int(r["prediction"]) < 10 and len(r["top3"].split()) == 3 for r in rows)
+    assert [r["file"] for r in _csv(path / "skipped.csv")] == ["f_truncated.png", "notes.txt"]
+
+
+@pytest.mark.parametrize("folder", ["missing", "junk"])
+def test_predict_dir_without_images_is_one_line(trained: Path, folder: str) -> None:
+    (trained / "junk").mkdir(exist_ok=True)
+    (trained / "junk" / "a.txt").write_text("text")
+    result = run(trained, "predict", *TINY, "--ckpt_path=last", f"--data.predict_dir={folder}")
+    assert result.returncode == 1
+    message = "is not a folder" if folder == "missing" else "no readable image in junk (1 files skipped)"
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_analyze_writes_the_excitation_figure_table_and_summary(trained: Path) -> None:
+    result = run(trained, "analyze", *TINY, "--trainer.limit_test_batches=5", "--ckpt_path=last")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (folder,) = {p.parent for p in (trained / "lightning_logs" / "mnist").glob("version_*/excitation.png")}
+    rows = _csv(folder / "excitation.csv")
+    blocks = {"layer1.1": 64, "layer2.1": 128, "layer3.1": 256, "layer4.1": 512}  # each stage's last block
+    assert {r["block"] for r in rows} == set(blocks)
+    assert len(rows) == 11 * sum(blocks.values())  # 10 classes and "all", every channel
+    assert {r["paper_name"] for r in rows} == {"SE_2_2", "SE_3_2", "SE_4_2", "SE_5_2"}
+    assert all(0 <= float(r["mean_excitation"]) <= 1 for r in rows if r["mean_excitation"] != "nan")
+    for name in ("SE_2_2", "SE_3_2", "SE_4_2", "SE_5_2"):
+        line = next(line for line in result.stdout.splitlines() if line.strip().startswith(name))
+        assert "class-agnostic" in line or "class-specific" in line
+    assert (folder / "excitation.txt").read_text().strip() in result.stdout
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    assert "excitation/per_class" in events.Tags()["images"]
+
+
+def test_analyze_needs_a_checkpoint_with_se(trained: Path, tmp_path: Path) -> None:
+    missing = run(trained, "analyze", *TINY)
+    assert missing.returncode == 1 and "analyze needs a trained model: add --ckpt_path" in missing.stderr
+    # The CLI builds the model from the checkpoint's hyperparameters: a plain-ResNet checkpoint
+    # is refused before its weights are read.
+    ckpt = torch.load(trained / "lightning_logs/mnist/version_0/checkpoints/last.ckpt", weights_only=True)
+    ckpt["hyper_parameters"]["se"] = False
+    torch.save(ckpt, tmp_path / "plain.ckpt")
+    refused = run(trained, "analyze", *TINY, f"--ckpt_path={tmp_path / 'plain.ckpt'}")
+    assert refused.returncode == 1, refused.stderr[-3000:]
+    assert "is a plain ResNet (se: false): it has no SE gates to analyze" in refused.stderr
+    assert "Traceback" not in refused.stderr
 
 
 def test_resume_from_last_continues_the_same_run(tmp_path: Path) -> None:
@@ -196,14 +281,15 @@ def test_seed_224_is_the_tutorial_recipe(capsys: pytest.CaptureFixture) -> None:
         assert line in printed
 
 
-@pytest.mark.parametrize("subcommand", ["fit", "validate", "test", "predict"])
+@pytest.mark.parametrize("subcommand", ["fit", "validate", "test", "predict", "analyze"])
 def test_help_names_the_options(subcommand: str, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_:
         main([subcommand, "--help"])
     assert exit_.value.code == 0
     text = capsys.readouterr().out
     for option in ("--model.depth", "--model.stem", "--model.se", "--model.reduction", "--data.dataset",
-                   "--data.data_dir", "--data.image_size", "--data.batch_size", "--data.val_size"):
+                   "--data.data_dir", "--data.image_size", "--data.batch_size", "--data.val_size",
+                   "--data.predict_dir", "--data.invert", "--ckpt_path"):
         assert option in text
 
 

@@ -1,0 +1,63 @@
+from pathlib import Path
+
+import lightning.pytorch as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torchmetrics.functional.classification import multiclass_confusion_matrix
+
+from senet_pl.data import MNISTDataModule
+from senet_pl.figures import TensorBoardFigures, confusion_matrix_figure, excitation_figure, misclassified_figure
+from senet_pl.module import SEResNetClassifier
+
+
+def test_confusion_matrix_figure_has_a_cell_per_class_pair() -> None:
+    matrix = torch.tensor([[5, 1, 0], [0, 4, 2], [1, 0, 7]])
+    figure = confusion_matrix_figure(matrix, ["a", "b", "c"])
+    (ax, *_) = figure.axes
+    assert sorted(int(t.get_text()) for t in ax.texts) == sorted(matrix.flatten().tolist())
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b", "c"]
+    assert "20 images" in ax.get_title()
+
+
+def test_misclassified_figure_titles_true_and_predicted() -> None:
+    figure = misclassified_figure(torch.rand(3, 1, 28, 28), ["1", "2", "3"], ["7", "5", "8"])
+    assert [ax.get_title() for ax in figure.axes] == ["1 -> 7", "2 -> 5", "3 -> 8"]
+
+
+def test_excitation_figure_has_a_panel_per_block_and_a_line_per_class() -> None:
+    means = {name: torch.rand(11, c) for name, c in (("layer1.1", 64), ("layer2.1", 128), ("layer3.1", 256))}
+    figure = excitation_figure(means, [str(k) for k in range(10)])
+    assert [ax.get_title().split(" ")[0] for ax in figure.axes] == ["SE_2_2", "SE_3_2", "SE_4_2"]
+    for ax, m in zip(figure.axes, means.values()):
+        assert len(ax.lines) == 11  # ten classes and "all"
+        assert len(ax.lines[0].get_xdata()) == m.shape[1]
+
+
+def test_validation_figures_match_the_model(data_root: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = SEResNetClassifier(channels_last=False)
+    dm = MNISTDataModule(data_dir=str(data_root), batch_size=8, val_size=16, translate=0, download=False)
+    figures = TensorBoardFigures(max_images=5)
+    trainer = L.Trainer(accelerator="cpu", logger=TensorBoardLogger(tmp_path), callbacks=[figures],
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(module, datamodule=dm, verbose=False)
+
+    module.eval()
+    with torch.no_grad():
+        x, y, _ = dm.val_set[(0, list(range(16)))]
+        x = dm.on_after_batch_transfer([x, y, 0], 0)[0]
+        predicted = module(x).argmax(dim=1)
+    assert torch.equal(figures.confusion.compute(), multiclass_confusion_matrix(predicted, y, 10))
+    wrong = (predicted != y).nonzero().flatten()[:5]
+    assert len(figures.wrong) == len(wrong) > 0
+    for (image, true, guess), i in zip(figures.wrong, wrong.tolist()):
+        assert torch.equal(image, x[i]) and (true, guess) == (y[i].item(), predicted[i].item())
+    # every gate value of the stage's SE blocks is counted: 16 images x 2 blocks x channels
+    for stage, channels in (("layer1", 64), ("layer4", 512)):
+        assert figures.gates[stage][0] == figures.gates[stage][5:].sum() == 16 * 2 * channels
+
+    events = EventAccumulator(str(tmp_path / "lightning_logs" / "version_0"))
+    events.Reload()
+    assert {"val/confusion_matrix", "val/misclassified"} <= set(events.Tags()["images"])
+    assert {f"val/se_gates/layer{i}" for i in range(1, 5)} <= set(events.Tags()["histograms"])
