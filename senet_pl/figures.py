@@ -90,7 +90,9 @@ class TensorBoardFigures(L.Callback):
         # Per stage: bin counts, plus the count/sum/sum of squares/min/max that TensorBoard's histograms show.
         self.gates: dict[str, torch.Tensor] = {}
         self._logits = None
-        self._hooks = [pl_module.register_forward_hook(lambda m, i, out: setattr(self, "_logits", out.detach()))]
+        # On the plain model, not the LightningModule: under DDP, Lightning routes validation_step itself
+        # through the LightningModule's __call__, whose hooks would then also see its output (None).
+        self._hook = pl_module.model.register_forward_hook(lambda m, i, out: setattr(self, "_logits", out.detach()))
         self._recording = recording_gates(se_blocks(pl_module.model), self._record_gates)
         self._recording.__enter__()
 
@@ -120,8 +122,7 @@ class TensorBoardFigures(L.Callback):
         if not self._active(trainer):
             return
         self._recording.__exit__(None, None, None)
-        for hook in self._hooks:
-            hook.remove()
+        self._hook.remove()
         matrix = self.confusion.compute()  # on every process: it gathers the counts of all of them
         gates = {s: trainer.strategy.reduce(g, reduce_op="sum") for s, g in self.gates.items()}  # (min/max: see below)
         if not trainer.is_global_zero:
