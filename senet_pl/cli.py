@@ -5,7 +5,9 @@ What it adds to LightningCLI:
 - configurable ``checkpoint:`` (best by ``val/acc``) and ``last_checkpoint:`` (``last.ckpt``, after
   every validation, on SIGTERM/Ctrl-C, optionally every N steps) groups; checkpoints written
   atomically and loaded with ``weights_only=True`` (see ``checkpoints.py``),
-  a learning-rate monitor, a TensorBoard logger in ``lightning_logs/`` and a predictions CSV;
+  a learning-rate monitor, a TensorBoard logger in ``lightning_logs/`` with figures and the HParams
+  view (``figures.py``), and a predictions CSV (test split or ``--data.predict_dir``);
+- the ``analyze`` subcommand: per-class SE excitation over the test split (``excitation.py``);
 - ``--ckpt_path last|best|auto`` that finds the newest run of the configured logger (Lightning
   alone would look in the new run's empty folder), and resuming ``fit`` into that run's own
   folder so that its TensorBoard curves continue;
@@ -203,7 +205,15 @@ class SENetCLI(LightningCLI):
         if cfg.get("ckpt_path") in ("last", "best", "auto"):
             cfg.ckpt_path = self._resolve_named_checkpoint(cfg.ckpt_path, subcommand)
         if cfg.ckpt_path:
-            load_checkpoint(cfg.ckpt_path, mmap=True)  # refuses unsafe or unreadable files before Lightning reads them
+            ckpt = load_checkpoint(cfg.ckpt_path, mmap=True)  # refuses unsafe or unreadable files before Lightning
+            # The model's settings come from the checkpoint (LightningCLI), the data's from the command line.
+            trained_on = (ckpt.get("datamodule_hyper_parameters") or {}).get("dataset")
+            if trained_on and trained_on != cfg.data.dataset:
+                print(
+                    f"warning: {cfg.ckpt_path} was trained on {trained_on} but --data.dataset is {cfg.data.dataset}: "
+                    f"add --data.dataset {trained_on} (or its recipe's --config) unless that is what you want.",
+                    file=sys.stderr,
+                )
         # Resuming a run: log into its own version folder, so its TensorBoard curves continue.
         root = self._logger_root()
         if subcommand == "fit" and cfg.ckpt_path and root and cfg.trainer.logger.init_args.version is None:

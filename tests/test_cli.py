@@ -8,6 +8,8 @@ from test_images import mixed_folder
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
+from torchvision.datasets import KMNIST
+
 from senet_pl import cli
 from senet_pl.cli import main, resolve_precision
 
@@ -77,6 +79,11 @@ def test_test_and_validate_from_checkpoints(trained: Path) -> None:
     assert "val/acc" in validated.stdout
 
 
+def _newest(cwd: Path, name: str) -> Path:
+    """The file NAME of the newest run that has one."""
+    return max((cwd / "lightning_logs" / "mnist").glob(f"version_*/{name}"), key=lambda p: p.stat().st_mtime)
+
+
 def _csv(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -85,8 +92,7 @@ def _csv(path: Path) -> list[dict[str, str]]:
 def test_predict_writes_one_row_per_test_image(trained: Path) -> None:
     result = run(trained, "predict", *TINY, "--ckpt_path=last")
     assert result.returncode == 0, result.stderr[-3000:]
-    (path,) = (trained / "lightning_logs" / "mnist").glob("version_*/predictions.csv")
-    rows = _csv(path)
+    rows = _csv(_newest(trained, "predictions.csv"))
     assert list(rows[0]) == ["index", "prediction", "class", "confidence", "top3"]
     assert sorted(int(r["index"]) for r in rows) == list(range(N_TEST))
     for r in rows:
@@ -108,11 +114,19 @@ def test_predict_on_a_folder_of_own_images(trained: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "skipped mine/f_truncated.png: cannot decode" in result.stderr
     assert "skipped mine/notes.txt: not an image" in result.stderr
-    (path,) = {p.parent for p in (trained / "lightning_logs" / "mnist").glob("version_*/skipped.csv")}
+    path = _newest(trained, "skipped.csv").parent
     rows = _csv(path / "predictions.csv")
     assert [r["file"] for r in rows] == good
     assert all(0 <= int(r["prediction"]) < 10 and len(r["top3"].split()) == 3 for r in rows)
     assert [r["file"] for r in _csv(path / "skipped.csv")] == ["f_truncated.png", "notes.txt"]
+
+
+def test_a_checkpoint_of_another_dataset_is_pointed_out(trained: Path) -> None:
+    mixed_folder(trained / "other")
+    result = run(trained, "predict", *TINY, "--ckpt_path=last", "--data.predict_dir=other", "--data.dataset=kmnist")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "was trained on mnist but --data.dataset is kmnist: add --data.dataset mnist" in result.stderr
+    assert {r["class"] for r in _csv(_newest(trained, "predictions.csv"))} <= set(KMNIST.classes)
 
 
 @pytest.mark.parametrize("folder", ["missing", "junk"])
@@ -128,7 +142,7 @@ def test_predict_dir_without_images_is_one_line(trained: Path, folder: str) -> N
 def test_analyze_writes_the_excitation_figure_table_and_summary(trained: Path) -> None:
     result = run(trained, "analyze", *TINY, "--trainer.limit_test_batches=5", "--ckpt_path=last")
     assert result.returncode == 0, result.stderr[-3000:]
-    (folder,) = {p.parent for p in (trained / "lightning_logs" / "mnist").glob("version_*/excitation.png")}
+    folder = _newest(trained, "excitation.png").parent
     rows = _csv(folder / "excitation.csv")
     blocks = {"layer1.1": 64, "layer2.1": 128, "layer3.1": 256, "layer4.1": 512}  # each stage's last block
     assert {r["block"] for r in rows} == set(blocks)
