@@ -340,7 +340,9 @@ class MNISTDataModule(L.LightningDataModule):
         return self._loader(self.predict_set if self._predicting_folder() else self.test_set)
 
     def on_after_batch_transfer(self, batch: list, dataloader_idx: int) -> list[torch.Tensor]:
-        """uint8 (N, 1, 28, 28) -> normalized float (N, 1, S, S), on the device the batch is on."""
+        """uint8 (N, 1, 28, 28) -> normalized (N, 1, S, S), on the device the batch is on.
+
+        The result is float32, or bf16/fp16 under bf16-mixed/16-mixed precision."""
         x, y, seed = batch
         x = x.float().div_(255)
         if self.hparams.translate and self.trainer is not None and self.trainer.training:
@@ -378,8 +380,8 @@ def resize_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
     Bilinear resizing is linear and separable: every output row is a fixed mix of input rows,
     and likewise for columns, so the resized image is ``R @ x @ C.T``. The matrices are the
     1-d linear interpolation of the identity, which makes the weights exactly F.interpolate's.
-    For 1-channel images this runs as BLAS matrix products, about 2x faster on CPU than
-    F.interpolate's per-pixel kernel; the results agree to float rounding (tested).
+    For 1-channel images this runs as BLAS matrix products, 1.5-2x faster on CPU than
+    F.interpolate's per-pixel kernel (28 -> 224, batch 32); the results agree to float rounding (tested).
     """
     h, w = x.shape[-2:]
     return _resize_weights(h, size, x.device, x.dtype) @ x @ _resize_weights(w, size, x.device, x.dtype).T

@@ -96,6 +96,8 @@ def read_folder(folder: str | Path, box: int = 20, invert: Invert = "auto") -> I
             skipped.append((path.name, "not an image Pillow can read"))
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             skipped.append((path.name, f"cannot decode: {err}"))
+        except Exception as err:  # e.g. malformed metadata: one odd file must not stop the others
+            skipped.append((path.name, f"cannot convert: {type(err).__name__}: {err}"))
         else:
             files.append(path.name)
     stack = torch.stack(images) if images else torch.empty(0, 1, SIZE, SIZE, dtype=torch.uint8)

@@ -5,8 +5,9 @@ from typing import Literal
 import lightning.pytorch as L
 import torch
 import torch.nn.functional as F
-from jsonargparse.typing import PositiveInt
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch.optim.lr_scheduler import LinearLR
 from torchmetrics.classification import MulticlassAccuracy
 
 from senet_pl.model import SEResNet
@@ -32,6 +33,7 @@ class SEResNetClassifier(L.LightningModule):
         # A lambda, not a function, so that --print_config shows SGD and its arguments.
         optimizer: OptimizerCallable = lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=5e-4),
         lr_scheduler: LRSchedulerCallable | None = None,
+        warmup_steps: NonNegativeInt = 0,
     ) -> None:
         """
         Args:
@@ -49,6 +51,9 @@ class SEResNetClassifier(L.LightningModule):
             optimizer: the optimizer, built from the model's parameters (default: SGD, lr 0.05,
                 momentum 0.9, weight decay 5e-4).
             lr_scheduler: optional learning-rate schedule, stepped once per epoch.
+            warmup_steps: raise the learning rate linearly from 1% to its full value over this many
+                optimizer steps first (torch's LinearLR, stepped every batch; lr_scheduler's factor
+                applies on top of it).
         """
         super().__init__()
         # The optimizer and schedule are callables, not plain values: they are kept out of the
@@ -105,6 +110,11 @@ class SEResNetClassifier(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = self.optimizer(self.parameters())
-        if self.lr_scheduler is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler(optimizer)}
+        schedulers = []
+        if self.hparams.warmup_steps:
+            warmup = LinearLR(optimizer, start_factor=0.01, total_iters=self.hparams.warmup_steps)
+            schedulers.append({"scheduler": warmup, "interval": "step", "name": "lr-warmup"})
+        if self.lr_scheduler is not None:
+            # PyTorch's schedulers are chainable: each multiplies the learning rate by its own factor.
+            schedulers.append({"scheduler": self.lr_scheduler(optimizer), "interval": "epoch"})
+        return ([optimizer], schedulers) if schedulers else optimizer

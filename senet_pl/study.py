@@ -72,7 +72,11 @@ def _run(args: list[str]) -> dict:
     """fit then test one configuration through the CLI, in this process."""
     from senet_pl.cli import SENetCLI
 
-    cli = SENetCLI(args=args, run=False)
+    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it sees both args and sys.argv
+    try:
+        cli = SENetCLI(args=args, run=False)
+    finally:
+        sys.argv = argv
     clock = TrainingClock()
     cli.trainer.callbacks.append(clock)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
