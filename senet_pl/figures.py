@@ -11,6 +11,7 @@ import math
 
 import lightning.pytorch as L
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib.figure import Figure
 from torch.utils.tensorboard.summary import hparams
 from torchmetrics.classification import MulticlassConfusionMatrix
@@ -79,7 +80,8 @@ class TensorBoardFigures(L.Callback):
         self.max_images, self.bins = max_images, bins
 
     def _active(self, trainer: L.Trainer) -> bool:
-        return not trainer.sanity_checking and hasattr(getattr(trainer.logger, "experiment", None), "add_figure")
+        # Decided by the logger's type, the same on every process (the collectives below need all of them).
+        return not trainer.sanity_checking and isinstance(trainer.logger, TensorBoardLogger)
 
     def _start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._active(trainer):
@@ -181,7 +183,7 @@ class TensorBoardFigures(L.Callback):
         The metrics are named by their scalar tags (``val/acc``...), whose last values TensorBoard
         shows in the table; nothing is logged twice.
         """
-        if not trainer.is_global_zero or not hasattr(getattr(trainer.logger, "experiment", None), "add_figure"):
+        if not trainer.is_global_zero or not isinstance(trainer.logger, TensorBoardLogger):
             return
         params = {f"model/{k}": v for k, v in pl_module.hparams.items()}
         if trainer.datamodule is not None:

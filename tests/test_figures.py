@@ -2,7 +2,7 @@ from pathlib import Path
 
 import lightning.pytorch as L
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
@@ -61,3 +61,12 @@ def test_validation_figures_match_the_model(data_root: Path, tmp_path: Path) -> 
     events.Reload()
     assert {"val/confusion_matrix", "val/misclassified"} <= set(events.Tags()["images"])
     assert {f"val/se_gates/layer{i}" for i in range(1, 5)} <= set(events.Tags()["histograms"])
+
+
+def test_other_loggers_get_no_figures_and_no_error(data_root: Path, tmp_path: Path) -> None:
+    figures = TensorBoardFigures()
+    trainer = L.Trainer(accelerator="cpu", logger=CSVLogger(tmp_path), callbacks=[figures], limit_val_batches=1,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(SEResNetClassifier(), datamodule=MNISTDataModule(data_dir=str(data_root), val_size=16,
+                                                                      download=False), verbose=False)
+    assert not hasattr(figures, "confusion")  # inactive: nothing collected, nothing drawn
