@@ -60,7 +60,7 @@ def to_training_style(image: Image.Image, box: int = 20, invert: Invert = "auto"
     if background <= 127:
         gray = np.clip(gray - background, 0, None)
     if gray.max() > 0:
-        gray *= 255 / gray.max()
+        gray = gray * (255 / gray.max())  # not in place: the array may be a read-only view of the image
     ink = np.argwhere(gray > 0.25 * 255)
     if len(ink):
         (top, left), (bottom, right) = ink.min(axis=0), ink.max(axis=0) + 1
