@@ -11,11 +11,13 @@
 5. with ``--compile``: ``fit`` with and without ``torch.compile``.
 
 Every case runs in its own process, so that its peak memory is its own. Timings skip warm-up steps.
+Each pair runs ``--repeats`` times, left and right alternately; the table gives medians.
 """
 
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,6 +25,10 @@ import time
 from types import SimpleNamespace
 
 import torch
+from jsonargparse.typing import PositiveInt
+
+# configs/mnist.yaml's optimizer, which the fit and plain-loop cases train with.
+RECIPE_SGD = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, fused=True)
 
 
 def _device() -> torch.device:
@@ -128,7 +134,7 @@ def case_train(args: SimpleNamespace, kind: str, size: int, batch: int) -> float
     dm = _datamodule(args, size, batch)
     dm.trainer = SimpleNamespace(training=True, world_size=1, global_rank=0, precision=_precision(device))
     model = _model(channels_last=True)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    optimizer = torch.optim.SGD(model.parameters(), **RECIPE_SGD)
     accuracy = MulticlassAccuracy(10, average="micro").to(device)
     dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(_precision(device))  # None: fp32
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -181,7 +187,7 @@ def _fit(args: SimpleNamespace, size: int, batch: int, steps: int, warmup: int, 
         depth=18,
         stem="cifar",
         compile=compile,
-        optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4),
+        optimizer=lambda p: torch.optim.SGD(p, **RECIPE_SGD),
     )
     clock = Clock()
     device = _device()
@@ -229,6 +235,7 @@ def bench(
     workers: int = 0,
     compile: bool = False,
     skip_224_training: bool = False,
+    repeats: PositiveInt = 3,
     case: str | None = None,
 ) -> None:
     """Benchmark the data path, training throughput, Lightning overhead and peak memory, side by side.
@@ -243,6 +250,8 @@ def bench(
         workers: DataLoader worker processes of the tutorial-style pipeline.
         compile: add a row comparing fit with and without torch.compile.
         skip_224_training: leave out the slow 224x224 training rows.
+        repeats: run each pair this many times, left and right alternately, and report the medians:
+            on a shared or throttling machine one short run can be off by 10%.
         case: internal: run one case in this process and print its result as JSON.
     """
     args = SimpleNamespace(**locals())
@@ -256,9 +265,14 @@ def bench(
     rows = []
 
     def pair(label: str, left: str, right: str) -> None:
-        a, c = _run_case(left, argv), _run_case(right, argv)
-        rows.append((label, a, c))
-        print(f"  {label}: {a['images_per_s']:.1f} vs {c['images_per_s']:.1f} img/s", file=sys.stderr, flush=True)
+        # Alternating keeps both sides of each repeat close in time, so a slow spell of the machine
+        # hits both; each repeat's ratio is taken within the repeat.
+        runs = []
+        for _ in range(repeats):
+            a, c = _run_case(left, argv), _run_case(right, argv)
+            runs.append((a, c))
+            print(f"  {label}: {a['images_per_s']:.1f} vs {c['images_per_s']:.1f} img/s", file=sys.stderr, flush=True)
+        rows.append((label, runs))
 
     device = _device()
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, "
@@ -277,12 +291,21 @@ def bench(
         gpu = f" / GPU {m['gpu_mb']:.0f} MB" if m["gpu_mb"] is not None else ""
         return f"{m['rss_mb']:.0f} MB{gpu}"
 
-    print(f"\n| {'measurement (left vs right)':57s} | left img/s | right img/s | right/left | peak memory left | peak memory right |")
-    print(f"|{'-' * 59}|-----------:|------------:|-----------:|---|---|")
-    for label, a, c in rows:
-        ratio = c["images_per_s"] / a["images_per_s"]
-        print(f"| {label:57s} | {a['images_per_s']:10.1f} | {c['images_per_s']:11.1f} | {ratio:9.2f}x "
-              f"| {memory(a)} | {memory(c)} |")
+    def peak(side: list[dict]) -> dict:
+        gpu = [m["gpu_mb"] for m in side if m["gpu_mb"] is not None]
+        return {"rss_mb": max(m["rss_mb"] for m in side), "gpu_mb": max(gpu) if gpu else None}
+
+    print(f"\n{repeats} run(s) of each pair, left and right alternately: img/s and ratio are medians, "
+          "the ratio's range is over the runs, memory is the highest peak.")
+    print(f"\n| {'measurement (left vs right)':57s} | left img/s | right img/s | right/left | ratio range "
+          "| peak memory left | peak memory right |")
+    print(f"|{'-' * 59}|-----------:|------------:|-----------:|---|---|---|")
+    for label, runs in rows:
+        lefts, rights = [a for a, _ in runs], [c for _, c in runs]
+        ratios = [c["images_per_s"] / a["images_per_s"] for a, c in runs]
+        left, right = (statistics.median(m["images_per_s"] for m in side) for side in (lefts, rights))
+        print(f"| {label:57s} | {left:10.1f} | {right:11.1f} | {statistics.median(ratios):9.2f}x "
+              f"| {min(ratios):.2f}-{max(ratios):.2f}x | {memory(peak(lefts))} | {memory(peak(rights))} |")
 
 
 def main() -> None:

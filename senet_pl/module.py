@@ -31,7 +31,9 @@ class SEResNetClassifier(L.LightningModule):
         channels_last: bool = True,
         compile: bool = False,
         # A lambda, not a function, so that --print_config shows SGD and its arguments.
-        optimizer: OptimizerCallable = lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=5e-4),
+        optimizer: OptimizerCallable = lambda p: torch.optim.SGD(
+            p, lr=0.05, momentum=0.9, weight_decay=5e-4, fused=True
+        ),
         lr_scheduler: LRSchedulerCallable | None = None,
         warmup_steps: NonNegativeInt = 0,
     ) -> None:
@@ -49,7 +51,7 @@ class SEResNetClassifier(L.LightningModule):
             compile: compile the model with torch.compile (in place, so checkpoints stay interchangeable);
                 the first steps are slow while it compiles. Off by default: see the README's benchmark.
             optimizer: the optimizer, built from the model's parameters (default: SGD, lr 0.05,
-                momentum 0.9, weight decay 5e-4).
+                momentum 0.9, weight decay 5e-4, fused: one kernel for the whole update).
             lr_scheduler: optional learning-rate schedule, stepped once per epoch.
             warmup_steps: raise the learning rate linearly from 1% to its full value over this many
                 optimizer steps first (torch's LinearLR, stepped every batch; lr_scheduler's factor
