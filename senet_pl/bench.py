@@ -292,6 +292,9 @@ def bench(
         gpu = f" / GPU {m['gpu_mb']:.0f} MB" if m["gpu_mb"] is not None else ""
         return f"{m['rss_mb']:.0f} MB{gpu}"
 
+    def rate(value: float) -> str:  # 224x224 training on a CPU is below 1 img/s
+        return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+
     def peak(side: list[dict]) -> dict:
         gpu = [m["gpu_mb"] for m in side if m["gpu_mb"] is not None]
         return {"rss_mb": max(m["rss_mb"] for m in side), "gpu_mb": max(gpu) if gpu else None}
@@ -301,9 +304,6 @@ def bench(
     print(f"\n| {'measurement (left vs right)':57s} | left img/s | right img/s | right/left | ratio range "
           "| peak memory left | peak memory right |")
     print(f"|{'-' * 59}|-----------:|------------:|-----------:|---|---|---|")
-    def rate(value: float) -> str:  # 224x224 training on a CPU is below 1 img/s
-        return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
-
     for label, runs in rows:
         lefts, rights = [a for a, _ in runs], [c for _, c in runs]
         ratios = [c["images_per_s"] / a["images_per_s"] for a, c in runs]
