@@ -28,6 +28,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from senet_pl.checkpoints import AtomicCheckpointIO, CheckpointError, GracefulStop, LatestCheckpoint, load_checkpoint
@@ -208,7 +209,7 @@ class SENetCLI(LightningCLI):
             ckpt = load_checkpoint(cfg.ckpt_path, mmap=True)  # refuses unsafe or unreadable files before Lightning
             # The model's settings come from the checkpoint (LightningCLI), the data's from the command line.
             trained_on = (ckpt.get("datamodule_hyper_parameters") or {}).get("dataset")
-            if trained_on and trained_on != cfg.data.dataset:
+            if trained_on and trained_on != cfg.data.dataset and rank_zero_only.rank == 0:  # once, not per process
                 print(
                     f"warning: {cfg.ckpt_path} was trained on {trained_on} but --data.dataset is {cfg.data.dataset}: "
                     f"add --data.dataset {trained_on} (or its recipe's --config) unless that is what you want.",

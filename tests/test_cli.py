@@ -7,7 +7,6 @@ from conftest import N_TEST, REPO, TINY, make_dataset, run
 from test_images import mixed_folder
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
-
 from torchvision.datasets import KMNIST
 
 from senet_pl import cli
