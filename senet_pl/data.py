@@ -102,8 +102,8 @@ class InMemoryImages(Dataset):
 
     def __getitem__(self, batch: tuple[int, list[int]]) -> list:
         seed, indices = batch
-        index = torch.as_tensor(indices)
-        return [self.images[index], self.labels[index], seed]
+        index = torch.as_tensor(indices)  # index_select: half the time of images[index] for a batch of 32
+        return [self.images.index_select(0, index), self.labels.index_select(0, index), seed]
 
 
 def _mix(*values: int) -> int:
@@ -363,15 +363,14 @@ def random_translate(x: torch.Tensor, max_shift: int, generator: torch.Generator
     """Shift every image of a batch by its own random whole-pixel offset in [-max_shift, max_shift], zero-filled."""
     n, _, h, w = x.shape
     shift = torch.randint(-max_shift, max_shift + 1, (n, 2), device=x.device, generator=generator)
-    # One gather from the zero-padded batch: output pixel (r, c) of image i reads padded
-    # pixel (r + m - dy_i, c + m - dx_i), i.e. content moves by +shift. (1.7x faster than
-    # affine_grid + grid_sample on CPU, with the same result.)
+    # Every h x w window of the zero-padded batch, at every offset, as a view (n, c, 2m+1, 2m+1, h, w);
+    # one indexing operation copies out each image's own window. Content moves by +shift, so the
+    # window starts m - shift into the padding. (2x faster on CPU than gathering pixel by pixel,
+    # 3x faster than affine_grid + grid_sample, with the same result.)
     m = max_shift
-    padded = F.pad(x, (m, m, m, m)).movedim(1, -1)  # (n, h + 2m, w + 2m, c)
-    rows = torch.arange(h, device=x.device) + m - shift[:, 1:]  # (n, h)
-    cols = torch.arange(w, device=x.device) + m - shift[:, :1]  # (n, w)
-    images = torch.arange(n, device=x.device)[:, None, None]
-    return padded[images, rows[:, :, None], cols[:, None, :]].movedim(-1, 1)
+    windows = F.pad(x, (m, m, m, m)).unfold(2, h, 1).unfold(3, w, 1)
+    start = m - shift
+    return windows[torch.arange(n, device=x.device), :, start[:, 1], start[:, 0]]
 
 
 def resize_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:

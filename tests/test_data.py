@@ -79,6 +79,21 @@ def test_random_translate_moves_each_image_by_its_own_whole_pixel_shift() -> Non
     assert torch.equal(random_translate(x, 2), out)  # reproducible with the seed
 
 
+def test_random_translate_shifts_all_channels_alike_and_fills_with_zeros() -> None:
+    x = torch.ones(64, 2, 28, 28)
+    x[:, 0] = 0.0
+    x[:, 0, 14, 14] = 1.0  # channel 0 shows where the image went
+    out = random_translate(x, 3)
+    assert out.shape == x.shape
+    for image in out:
+        r, c = (image[0] == 1).nonzero()[0].tolist()
+        dy, dx = r - 14, c - 14
+        # channel 1 moved by the same shift: what came in from outside is zero, nothing wrapped around
+        expected = torch.zeros(28, 28)
+        expected[max(dy, 0) : 28 + min(dy, 0), max(dx, 0) : 28 + min(dx, 0)] = 1.0
+        assert torch.equal(image[1], expected), (dy, dx)
+
+
 @pytest.mark.parametrize("size", [224, 64, 29, 16])
 def test_resize_bilinear_matches_interpolate(size: int) -> None:
     x = torch.rand(5, 1, 28, 28, generator=torch.Generator().manual_seed(size))
