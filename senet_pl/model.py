@@ -19,6 +19,20 @@ Stem = Literal["cifar", "imagenet"]
 AttnLayer = Callable[[int], nn.Module]
 
 
+class GlobalAvgPool2d(nn.Module):
+    """The mean of each channel over H and W, as (N, C, 1, 1): ``nn.AdaptiveAvgPool2d(1)``'s values.
+
+    Computed as a sum times 1/(HW), because then the backward pass hands on the gradient as a
+    broadcast view. ``AdaptiveAvgPool2d(1)`` runs as ``mean``, whose backward writes out an NCHW
+    gradient; in an SE block that is added to the channels_last gradient of the rescaling product,
+    and adding tensors of mixed layouts is slow on CPU (SE-ResNet-18, batch 128, bf16 autocast,
+    channels_last, 2 cores: 40 ms of gradient additions per step instead of 8).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sum((2, 3), keepdim=True) * (1.0 / (x.shape[-2] * x.shape[-1]))
+
+
 class SEBlock(SqueezeExcitation):
     """Squeeze-and-Excitation block, Sec. 3 of the paper, applied to a feature map U (N, C, H, W).
 
@@ -35,8 +49,9 @@ class SEBlock(SqueezeExcitation):
 
     The FCs are 1x1 convolutions on the pooled (N, C, 1, 1) tensor, which is the same
     map as a fully connected layer; they keep their biases, as in the authors' release.
-    The implementation is torchvision's ``SqueezeExcitation``; this class only fixes
-    its width from the reduction ratio r.
+    The implementation is torchvision's ``SqueezeExcitation``; this class fixes its width
+    from the reduction ratio r and squeezes with ``GlobalAvgPool2d`` (the same mean, with a
+    faster backward in channels_last).
     """
 
     def __init__(self, channels: int, reduction: int = 16) -> None:
@@ -48,6 +63,7 @@ class SEBlock(SqueezeExcitation):
         if reduction < 1:
             raise ValueError(f"SE reduction ratio must be >= 1, got {reduction}")
         super().__init__(channels, max(1, channels // reduction))
+        self.avgpool = GlobalAvgPool2d()
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -181,7 +197,7 @@ class SEResNet(nn.Module):
                 inplanes = planes * block.expansion
             stages.append(nn.Sequential(*stage))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.avgpool = GlobalAvgPool2d()
         self.fc = nn.Linear(inplanes, num_classes)
 
         for m in self.modules():

@@ -3,7 +3,7 @@ import torch
 import torchvision
 from torch import nn
 
-from senet_pl.model import LAYERS, BasicBlock, Bottleneck, SEBlock, SEResNet
+from senet_pl.model import LAYERS, BasicBlock, Bottleneck, GlobalAvgPool2d, SEBlock, SEResNet
 
 
 @pytest.mark.parametrize("depth", sorted(LAYERS))
@@ -40,6 +40,31 @@ def test_se_output_is_input_times_per_channel_gate_in_unit_interval() -> None:
     # the gate depends on the input (it is computed from the squeezed x), not a constant
     se(torch.randn(3, 32, 5, 6))
     assert not torch.allclose(gates[0], gates[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_se_squeeze_is_the_mean_and_keeps_channels_last_gradients(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, 7, 5, dtype=dtype)
+    torch.testing.assert_close(GlobalAvgPool2d()(x), nn.AdaptiveAvgPool2d(1)(x))
+    u = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    z = GlobalAvgPool2d()(u)
+    (grad,) = torch.autograd.grad(z, u, torch.randn_like(z))
+    # The reason for the class: AdaptiveAvgPool2d(1)'s gradient here is written out in NCHW, which is
+    # slow to add to a channels_last one; a broadcast view (stride 0 over H and W) is not.
+    assert grad.stride()[2:] == (0, 0)
+    # The SE block's input gradient equals that of the same block squeezing with AdaptiveAvgPool2d(1).
+    se = SEBlock(channels=16, reduction=4).to(dtype=dtype, memory_format=torch.channels_last)
+    grad_out = torch.randn_like(u)
+    (grad,) = torch.autograd.grad(se(u), u, grad_out)
+    assert grad.is_contiguous(memory_format=torch.channels_last)
+    reference = SEBlock(channels=16, reduction=4)
+    reference.load_state_dict(se.state_dict())
+    reference.avgpool = nn.AdaptiveAvgPool2d(1)
+    u32 = x.float().requires_grad_()
+    (expected,) = torch.autograd.grad(reference(u32), u32, grad_out.float())
+    tolerance = {} if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.05}
+    torch.testing.assert_close(grad.float(), expected, **tolerance)
 
 
 def test_se_widths_follow_reduction_ratio() -> None:
