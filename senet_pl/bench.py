@@ -40,12 +40,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _datamodule(args: SimpleNamespace, size: int, batch: int):
+def _datamodule(args: SimpleNamespace, size: int, batch: int, trainer: bool = True):
+    """The training data as ``fit`` sets it up; with ``trainer``, batches are transformed as in training
+    (a stand-in for the Trainer: one process, the recipe's precision, the model on this device)."""
     from senet_pl.data import MNISTDataModule
 
     dm = MNISTDataModule(
         data_dir=args.data_dir, image_size=size, batch_size=batch, val_size=args.val_size, download=False
     )
+    device = _device()
+    if trainer:
+        dm.trainer = SimpleNamespace(
+            training=True, world_size=1, global_rank=0, precision=_precision(device),
+            strategy=SimpleNamespace(root_device=device),
+        )
     dm.prepare_data()
     dm.setup("fit")
     return dm
@@ -91,7 +99,6 @@ def case_data(args: SimpleNamespace, kind: str, size: int, batch: int) -> float:
             return len(y)
     else:
         dm = _datamodule(args, size, batch)
-        dm.trainer = SimpleNamespace(training=True, world_size=1, global_rank=0, precision=_precision(device))  # as in fit
         loader = dm.train_dataloader()
 
         def step(b):
@@ -132,7 +139,6 @@ def case_train(args: SimpleNamespace, kind: str, size: int, batch: int) -> float
     from torchmetrics.classification import MulticlassAccuracy
 
     dm = _datamodule(args, size, batch)
-    dm.trainer = SimpleNamespace(training=True, world_size=1, global_rank=0, precision=_precision(device))
     model = _model(channels_last=True)
     optimizer = torch.optim.SGD(model.parameters(), **RECIPE_SGD)
     accuracy = MulticlassAccuracy(10, average="micro").to(device)
@@ -182,7 +188,7 @@ def _fit(args: SimpleNamespace, size: int, batch: int, steps: int, warmup: int, 
                 _sync(module.device)
                 self.end = time.perf_counter()
 
-    dm = _datamodule(args, size, batch)
+    dm = _datamodule(args, size, batch, trainer=False)  # the Trainer sets it up again, on its device
     model = SEResNetClassifier(
         depth=18,
         stem="cifar",

@@ -7,7 +7,15 @@ import pytest
 import torch
 from conftest import N_TEST, N_TRAIN, make_dataset, synthetic_split, write_idx
 
-from senet_pl.data import DATASETS, DataError, EpochBatchSampler, MNISTDataModule, random_translate, resize_bilinear
+from senet_pl.data import (
+    DATASETS,
+    DataError,
+    EpochBatchSampler,
+    MNISTDataModule,
+    data_device,
+    random_translate,
+    resize_bilinear,
+)
 
 
 def _module(root: Path, **kwargs) -> MNISTDataModule:
@@ -135,6 +143,53 @@ def test_loaders_index_whole_batches(data_root: Path) -> None:
     assert sorted(labels.tolist()) == sorted(dm.train_set.labels.tolist())  # each image once per epoch
     val = list(dm.val_dataloader())
     assert torch.equal(torch.cat([b[1] for b in val]), dm.val_set.labels)  # evaluation in order
+
+
+def test_datasets_go_to_a_cuda_gpu_when_they_fit_and_no_workers_fork(monkeypatch: pytest.MonkeyPatch) -> None:
+    asked = []
+
+    def mem_get_info(device: torch.device) -> tuple[int, int]:
+        asked.append(device)
+        return 1000, 4000  # free, total bytes
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    gpu, cpu = torch.device("cuda", 1), torch.device("cpu")
+    assert data_device(gpu, 100, num_workers=0) == gpu  # a tenth of the free memory
+    assert asked == [gpu]  # the free memory of the training GPU, not of GPU 0
+    assert data_device(gpu, 101, num_workers=0) == cpu
+    assert data_device(gpu, 100, num_workers=2) == cpu  # forked workers cannot share CUDA tensors
+    assert data_device(cpu, 100, num_workers=0) == cpu
+    assert data_device(torch.device("mps"), 100, num_workers=0) == cpu
+
+
+@pytest.mark.parametrize("on_device", [True, False])
+def test_setup_keeps_every_split_where_data_device_says(
+    data_root: Path, monkeypatch: pytest.MonkeyPatch, on_device: bool
+) -> None:
+    # The "meta" device stands in for a GPU: tensors there have shapes but no storage.
+    calls = []
+
+    def fake_data_device(device: torch.device, nbytes: int, num_workers: int) -> torch.device:
+        calls.append((device, nbytes, num_workers))
+        return torch.device("meta")
+
+    monkeypatch.setattr("senet_pl.data.data_device", fake_data_device)
+    gpu = torch.device("cuda", 0)
+    dm = _module(data_root, on_device=on_device)
+    dm.trainer = SimpleNamespace(
+        training=True, world_size=1, global_rank=0, precision="32-true", strategy=SimpleNamespace(root_device=gpu)
+    )
+    dm.setup("fit")
+    dm.setup("test")
+    where = "meta" if on_device else "cpu"
+    for split in (dm.train_set, dm.val_set, dm.test_set):
+        assert split.images.device.type == where and split.labels.device.type == where
+    x, y, _ = next(iter(dm.train_dataloader()))
+    assert x.device.type == y.device.type == where  # batches are cut out where the data are
+    if on_device:  # asked about the training GPU and all the data it would hold, the test split too
+        assert calls[-1] == (gpu, (N_TRAIN + N_TEST) * (28 * 28 + 8), 0)  # uint8 pixels, int64 labels
+    else:
+        assert calls == []
 
 
 def _epoch(sampler: EpochBatchSampler, epoch: int) -> list[tuple[int, list[int]]]:
