@@ -125,7 +125,7 @@ def data_device(device: torch.device, nbytes: int, num_workers: int) -> torch.de
     In the GPU's memory when that is a CUDA device, the batches are drawn in the main process
     (CUDA tensors cannot be shared with forked DataLoader workers) and the data take at most a
     tenth of the GPU's free memory, so that training keeps the rest; in host memory otherwise.
-    An MNIST-type dataset is 55 MB, so on any GPU of the last decade it goes to the GPU.
+    An MNIST-type dataset is 55 MB, so it goes to any GPU with more than about 0.6 GB free.
     """
     if device.type != "cuda" or num_workers > 0:
         return torch.device("cpu")
