@@ -18,6 +18,7 @@ import shutil
 import struct
 import sys
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Literal
 
@@ -28,7 +29,8 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, random_split
 from torchvision.datasets import KMNIST, MNIST, FashionMNIST
 
-from senet_pl.images import INK_BOX, Invert, read_folder
+from senet_pl.files import give_default_mode
+from senet_pl.images import INK_BOX, SIZE, Invert, read_folder
 
 DatasetName = Literal["mnist", "fashion_mnist", "kmnist"]
 
@@ -52,29 +54,46 @@ class DataError(Exception):
     """A dataset that cannot be used as it is; the message says what to do."""
 
 
-def _check_idx(path: Path, ndim: int) -> tuple[int, ...]:
-    """Check an IDX file's magic number and that its size matches its header; return its dims."""
+def _check_idx(path: Path, ndim: int, name: str | None = None) -> tuple[int, ...]:
+    """Check an IDX file's magic number and that its size matches its header; return its dims.
+
+    ``name`` is what the messages call the file (default: its path)."""
+    name = name or str(path)
     header_size = 4 + 4 * ndim
     with open(path, "rb") as f:
         header = f.read(header_size)
     if len(header) < header_size:
-        raise DataError(f"{path} is truncated: it has {len(header)} bytes, fewer than an IDX header.")
+        raise DataError(f"{name} is truncated: it has {len(header)} bytes, fewer than an IDX header.")
     magic, *dims = struct.unpack(f">{ndim + 1}I", header)
     if magic != _IDX_MAGIC[ndim]:
         raise DataError(
-            f"{path} is not an IDX {'image' if ndim == 3 else 'label'} file: magic number "
+            f"{name} is not an IDX {'image' if ndim == 3 else 'label'} file: magic number "
             f"{magic:#010x}, expected {_IDX_MAGIC[ndim]:#010x}."
         )
     expected = header_size + torch.Size(dims).numel()
     actual = path.stat().st_size
     if actual != expected:
         what = "truncated" if actual < expected else "longer than its header says"
-        raise DataError(f"{path} is {what}: {actual} bytes, its header {tuple(dims)} needs {expected}.")
+        raise DataError(f"{name} is {what}: {actual} bytes, its header {tuple(dims)} needs {expected}.")
     return tuple(dims)
 
 
-def _decompress(gz: Path, target: Path) -> None:
-    """Decompress ``gz`` to ``target`` atomically, so a failure never leaves half a file."""
+def _needs_decompressing(path: Path, gz: Path, ndim: int) -> bool:
+    """Whether ``path`` is to be (re)made from ``gz``: it is missing, invalid, or older than the .gz.
+
+    A decompressed file is otherwise used as it is, so a broken one (say, left by an older version
+    from an empty .gz) or an old one would shadow the good .gz the user has since put there."""
+    if not path.exists() or gz.stat().st_mtime_ns > path.stat().st_mtime_ns:
+        return True
+    try:
+        _check_idx(path, ndim)
+    except DataError:
+        return True
+    return False
+
+
+def _decompress(gz: Path, target: Path, ndim: int) -> None:
+    """Decompress ``gz`` to ``target`` atomically, so a failure never leaves half a file or an invalid one."""
     try:
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
     except OSError as err:
@@ -83,12 +102,17 @@ def _decompress(gz: Path, target: Path) -> None:
             f"<folder>/{target.parent.parent.name}/raw/ of a writable folder and pass it as --data.data_dir."
         ) from None
     try:
-        with gzip.open(gz, "rb") as src, os.fdopen(fd, "wb") as dst:
+        with os.fdopen(fd, "wb") as dst, gzip.open(gz, "rb") as src:  # fdopen first: it closes fd whatever fails
             shutil.copyfileobj(src, dst)
+        give_default_mode(tmp)
+        # Check what came out before it takes the file's name: an empty .gz decompresses without an error
+        # into an empty file, and gzip of the wrong data into a wrong file.
+        _check_idx(Path(tmp), ndim, name="its content")
         os.replace(tmp, target)
-    except (OSError, EOFError) as err:
+    except (OSError, EOFError, zlib.error, DataError) as err:  # zlib.error: a damaged deflate stream
         Path(tmp).unlink(missing_ok=True)
-        raise DataError(f"could not decompress {gz}: {err}. Replace it with a complete copy.") from None
+        detail = str(err) if isinstance(err, DataError) else f"{err}."
+        raise DataError(f"could not decompress {gz}: {detail} Replace it with a complete copy.") from None
 
 
 class InMemoryImages(Dataset):
@@ -205,7 +229,11 @@ class ResumableLoader(DataLoader):
         epoch, done = trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
         if done >= trainer.num_training_batches:  # the epoch is over: resume at the start of the next
             epoch, done = epoch + 1, 0
-        return {"epoch": epoch, "batches_done": done}
+        # What the position means: batches of this size, in this seed's order, on this many processes
+        # (the CLI refuses a mid-epoch resume that changes them).
+        sampler = self.sampler
+        return {"epoch": epoch, "batches_done": done, "batch_size": sampler.batch_size,
+                "world_size": sampler.num_replicas, "seed": sampler.seed}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.sampler.resume(state["epoch"], state["batches_done"])
@@ -259,14 +287,18 @@ class MNISTDataModule(L.LightningDataModule):
             raise DataError(f"unknown dataset {dataset!r}: use one of {', '.join(DATASETS)}.")
         self.dataset_cls, mean, std = DATASETS[dataset]
         self.mean, self.std = mean, std
-        self.num_classes = len(self.dataset_cls.classes)
-        self.in_channels = 1
+        self.num_classes, self.in_channels = self.data_shape(dataset)
         self.train_set: InMemoryImages | None = None
         self.val_set: InMemoryImages | None = None
         self.test_set: InMemoryImages | None = None
         self.predict_set: InMemoryImages | None = None
         self.predict_files: list[str] | None = None  # names of the predict_dir files, in predict order
         self.predict_skipped: list[tuple[str, str]] = []  # (file name, reason)
+
+    @staticmethod
+    def data_shape(dataset: str) -> tuple[int, int]:
+        """(classes, image channels) of a dataset: what the model's num_classes and in_channels must be."""
+        return len(DATASETS[dataset][0].classes), 1  # all of them are grayscale
 
     @property
     def raw_folder(self) -> Path:
@@ -284,10 +316,10 @@ class MNISTDataModule(L.LightningDataModule):
         if self._predicting_folder():
             return  # predicting on one's own images needs no dataset files
         missing = []
-        for path in (*self._files(train=True), *self._files(train=False)):
+        for path, ndim in zip((*self._files(train=True), *self._files(train=False)), (3, 1, 3, 1)):
             gz = path.with_name(path.name + ".gz")
-            if not path.exists() and gz.exists():
-                _decompress(gz, path)
+            if gz.exists() and _needs_decompressing(path, gz, ndim):
+                _decompress(gz, path, ndim)
             if not path.exists():
                 missing.append(path)
         if missing and self.hparams.download:
@@ -310,13 +342,29 @@ class MNISTDataModule(L.LightningDataModule):
             )
         for train in (True, False):
             images, labels = self._files(train)
-            n_images, n_labels = _check_idx(images, 3)[0], _check_idx(labels, 1)[0]
+            (n_images, *size), n_labels = _check_idx(images, 3), _check_idx(labels, 1)[0]
             if n_images != n_labels:
                 raise DataError(f"{images} has {n_images} images but {labels} has {n_labels} labels.")
+            # Every split at the native size (SIZE, 28 for all three datasets): another size would be
+            # resized silently and differ between splits.
+            if size != [SIZE, SIZE]:
+                raise DataError(
+                    f"{images} holds {size[0]}x{size[1]} images, but {self.hparams.dataset} images are "
+                    f"{SIZE}x{SIZE}: replace it with the official file (--data.image_size resizes them for the model)."
+                )
 
     def _load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         ds = self.dataset_cls(self.hparams.data_dir, train=train, download=False)
-        return ds.data.unsqueeze(1), ds.targets
+        labels = ds.targets
+        # A label that is no class would otherwise stop training deep inside the loss (IndexError).
+        bad = ((labels < 0) | (labels >= self.num_classes)).nonzero()
+        if len(bad):
+            index = int(bad[0, 0])
+            raise DataError(
+                f"{self._files(train)[1]} holds label {int(labels[index])} at index {index} (counting from 0), but "
+                f"{self.hparams.dataset} labels are 0..{self.num_classes - 1}: replace it with the official file."
+            )
+        return ds.data.unsqueeze(1), labels
 
     def setup(self, stage: str) -> None:
         if stage in ("fit", "validate") and self.train_set is None:

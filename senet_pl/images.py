@@ -5,9 +5,13 @@ centered by their center of mass in a 28x28 image; Fashion-MNIST and KMNIST fill
 frame. A photo or scan of a digit is usually the opposite (dark ink on light paper), larger,
 in colour and off-center, so each file is converted the same way the datasets were made:
 grayscale, inverted if its background is light, cropped to the ink, scaled to the box,
-centered. Files that cannot be read are reported with the reason and skipped.
+centered. Every other folder entry (unreadable or too large files, subfolders, broken links,
+FIFOs) is reported with the reason and skipped; one file costs at most about 400 MB of memory.
 """
 
+import errno
+import stat
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -23,6 +27,20 @@ Invert = Literal["auto", "yes", "no"]
 # dataset); Fashion-MNIST's products and KMNIST's characters fill the frame.
 INK_BOX = {"mnist": 20, "fashion_mnist": 28, "kmnist": 28}
 SIZE = 28
+
+# The most pixels one file may decode to, checked from the header before decoding. Pillow holds a
+# decoded image in up to 4 bytes a pixel (RGB, RGBA, 32-bit) and shrinking an RGBA image copies it
+# once more, so this bounds one file to about 400 MB (measured: 40-megapixel RGBA and transparent
+# paletted PNGs, 370-410 MB; a 12000x12000 paletted PNG took 2.6 GB before there was a limit).
+# Pillow's own limits only warn from 89 and refuse from 179 megapixels. A JPEG counts at the reduced
+# scale it is decoded at (see MAX_SIDE).
+MAX_PIXELS = 40_000_000
+# Larger images are shrunk to this longer side (Lanczos) before the float work, which costs up to
+# some 35 bytes a pixel (150 MB at this size). The content ends up in a 20x20 or 28x28 box, so the
+# result changes by a few grey levels at most, unless the ink is tiny: a stroke 1.4% the width of
+# the image still gets 28 pixels. JPEGs are decoded at 1/2, 1/4 or 1/8 scale where that leaves at
+# least this size (Pillow's draft): an 8000x6000 photo decodes to 12 megapixels (80 MB, 730 before).
+MAX_SIDE = 2048
 
 
 @dataclass
@@ -84,17 +102,80 @@ def to_training_style(image: Image.Image, box: int = 20, invert: Invert = "auto"
     return torch.from_numpy(frame).unsqueeze(0)
 
 
+class _Skipped(Exception):
+    """A folder entry that is not converted; the message says why."""
+
+
+def _not_a_file(path: Path) -> str | None:
+    """Why ``path`` is no file to read (following symbolic links), or None for a regular file.
+
+    Found out with stat only: opening a FIFO would block, and opening a device may do anything."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "a symbolic link loop"
+        if err.errno == errno.ENOENT and path.is_symlink():
+            return "a broken symbolic link: its target does not exist"
+        return f"cannot open: {err.strerror}"
+    if stat.S_ISDIR(mode):
+        return "a folder, not an image file (subfolders are not read)"
+    if not stat.S_ISREG(mode):
+        return "not a regular file (a FIFO, socket or device): not opened"
+    return None
+
+
+def _load_bounded(image: Image.Image) -> Image.Image:
+    """An opened, not yet decoded image file, decoded at most MAX_SIDE pixels on its longer side.
+
+    Image.open reads only the header, so a file of more than MAX_PIXELS is refused before it is decoded."""
+    width, height = image.size
+    if max(width, height) > MAX_SIDE:  # JPEG: decode at reduced scale (no-op for other formats)
+        scale = MAX_SIDE / max(width, height)
+        image.draft(None, (max(1, int(width * scale)), max(1, int(height * scale))))
+    if image.width * image.height > MAX_PIXELS:
+        raise _Skipped(f"too large: {width}x{height} pixels, more than {MAX_PIXELS // 10**6} megapixels")
+    image.load()  # decode now: a truncated file fails here, not later
+    if max(image.size) > MAX_SIDE:
+        if image.mode in ("1", "P", "PA"):  # Pillow resizes these by picking pixels, not averaging them
+            alpha = image.mode == "PA" or (image.mode == "P" and "transparency" in image.info)
+            image = image.convert("RGBA" if alpha else "L")  # as _grayscale would
+        # In place: a JPEG or TIFF keeps its EXIF orientation for exif_transpose.
+        image.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.LANCZOS)
+    return image
+
+
+def _read_file(path: Path, box: int, invert: Invert) -> torch.Tensor:
+    """One regular file as a uint8 (1, 28, 28) tensor; raises _Skipped, or Pillow's errors."""
+    try:
+        file = open(path, "rb")  # opened here, not by Pillow, to tell "cannot open" from "cannot decode"
+    except OSError as err:
+        raise _Skipped(f"cannot open: {err.strerror}") from None
+    with file, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_PIXELS is the tighter limit
+        with Image.open(file) as image:
+            return to_training_style(_load_bounded(image), box, invert)
+
+
 def read_folder(folder: str | Path, box: int = 20, invert: Invert = "auto") -> ImageFolder:
-    """Every file directly in ``folder`` that Pillow can decode (PNG, JPEG, BMP, ...), in name order."""
+    """Every file directly in ``folder`` that Pillow can decode (PNG, JPEG, BMP, ...), in name order.
+
+    Every other entry is listed in ``skipped`` with the reason: files that cannot be opened or decoded,
+    files above MAX_PIXELS, subfolders, broken symbolic links, FIFOs, sockets and devices."""
     images, files, skipped = [], [], []
-    for path in sorted(p for p in Path(folder).iterdir() if p.is_file()):
+    for path in sorted(Path(folder).iterdir()):
         try:
-            with Image.open(path) as image:
-                image.load()  # decode now: a truncated file fails here, not later
-                images.append(to_training_style(image, box, invert))
+            reason = _not_a_file(path)
+            if reason is not None:
+                raise _Skipped(reason)
+            images.append(_read_file(path, box, invert))
+        except _Skipped as err:
+            skipped.append((path.name, str(err)))
         except UnidentifiedImageError:
             skipped.append((path.name, "not an image Pillow can read"))
-        except (OSError, ValueError, Image.DecompressionBombError) as err:
+        except Image.DecompressionBombError as err:
+            skipped.append((path.name, f"too large: {err}"))
+        except (OSError, ValueError) as err:
             skipped.append((path.name, f"cannot decode: {err}"))
         except Exception as err:  # e.g. malformed metadata: one odd file must not stop the others
             skipped.append((path.name, f"cannot convert: {type(err).__name__}: {err}"))

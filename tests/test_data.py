@@ -1,4 +1,6 @@
 import gzip
+import os
+import stat
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -335,3 +337,112 @@ def test_sampler_shards_are_disjoint_and_cover_the_split(replicas: int) -> None:
     assert len(set(seeds)) == len(seeds)  # padding batches get their own augmentation seeds
     evaluation = [i for shard in shards(shuffle=False) for _, idx in shard for i in idx]
     assert sorted(evaluation) == list(range(50))  # evaluation: every image exactly once
+
+
+@pytest.mark.parametrize("prefix", ["train", "t10k"])
+def test_labels_out_of_range_name_the_file_index_and_value(data_root: Path, prefix: str) -> None:
+    raw = data_root / "MNIST" / "raw"
+    labels = synthetic_split(N_TRAIN if prefix == "train" else N_TEST, seed=0 if prefix == "train" else 1)[1]
+    labels[[5, 7]] = 12  # a valid header: only the values are wrong
+    write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    dm = _module(data_root)
+    dm.prepare_data()
+    with pytest.raises(DataError) as err:
+        dm.setup("fit" if prefix == "train" else "test")  # when the split is loaded, before any training step
+    message = str(err.value)
+    assert f"MNIST/raw/{prefix}-labels-idx1-ubyte holds label 12 at index 5 " in message  # the first bad one
+    assert "0..9" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("prefix", ["train", "t10k"])
+def test_images_of_another_size_are_refused(data_root: Path, prefix: str) -> None:
+    raw = data_root / "MNIST" / "raw"
+    n = N_TRAIN if prefix == "train" else N_TEST
+    write_idx(raw / f"{prefix}-images-idx3-ubyte", np.zeros((n, 32, 32), np.uint8))  # a valid header
+    with pytest.raises(DataError, match=rf"MNIST/raw/{prefix}-images-idx3-ubyte holds 32x32 images, but mnist "
+                                        r"images are 28x28: replace it"):
+        _module(data_root).prepare_data()
+
+
+def _gz_case(raw: Path, case: str) -> bytes:
+    """The bytes of a damaged train-images .gz."""
+    data = (raw / "train-images-idx3-ubyte").read_bytes()
+    good = gzip.compress(data)
+    labels = (raw / "train-labels-idx1-ubyte").read_bytes()
+    return {
+        "empty": b"",  # decompresses without an error, into nothing
+        "truncated": good[: len(good) // 2],
+        "not gzip": b"<html>404 Not Found</html>",
+        "damaged stream": good[:10] + b"\xff" * 100,  # zlib.error, not an OSError
+        "gzip of garbage": gzip.compress(b"garbage" * 1000),
+        "wrong magic": gzip.compress(labels),  # a label file where the images go
+        "truncated content": gzip.compress(data[:-100]),
+    }[case]
+
+
+@pytest.mark.parametrize("case", ["empty", "truncated", "not gzip", "damaged stream", "gzip of garbage",
+                                  "wrong magic", "truncated content"])
+def test_damaged_gz_leaves_no_file_and_a_good_copy_then_works(data_root: Path, case: str) -> None:
+    raw = data_root / "MNIST" / "raw"
+    images = raw / "train-images-idx3-ubyte"
+    gz = images.with_name(images.name + ".gz")
+    original = images.read_bytes()
+    gz.write_bytes(_gz_case(raw, case))
+    images.unlink()
+    with pytest.raises(DataError, match=rf"could not decompress \S*/MNIST/raw/train-images-idx3-ubyte.gz: .* "
+                                        r"Replace it with a complete copy\.$") as err:
+        _module(data_root).prepare_data()
+    assert "\n" not in str(err.value)
+    assert sorted(p.name for p in raw.iterdir()) == [
+        "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte",
+    ]  # neither a decompressed file nor a temporary one left behind
+    gz.write_bytes(gzip.compress(original))  # the user replaces the download
+    _module(data_root).prepare_data()
+    assert images.read_bytes() == original
+
+
+def _age(path: Path, seconds: int) -> None:
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns - seconds * 10**9))
+
+
+@pytest.mark.parametrize("broken", [b"", b"\x00\x00\x08\x03"], ids=["empty", "header cut"])
+def test_valid_gz_replaces_a_broken_decompressed_file_even_if_older(data_root: Path, broken: bytes) -> None:
+    images = data_root / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    original = images.read_bytes()
+    gz = images.with_name(images.name + ".gz")
+    gz.write_bytes(gzip.compress(original))
+    _age(gz, 60)
+    images.write_bytes(broken)  # e.g. left by an earlier version from an empty .gz
+    _module(data_root).prepare_data()
+    assert images.read_bytes() == original
+
+
+def test_newer_gz_is_decompressed_again_and_an_older_one_is_not(data_root: Path) -> None:
+    images = data_root / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    gz = images.with_name(images.name + ".gz")
+    newer = np.full((N_TRAIN, 28, 28), 7, np.uint8)
+    write_idx(images, newer, compress=True)
+    _age(images, 60)  # the user replaced the download after the file was decompressed
+    _module(data_root).prepare_data()
+    assert images.read_bytes()[16:] == newer.tobytes()
+    decompressed = images.stat().st_mtime_ns
+    _age(gz, 60)
+    _module(data_root).prepare_data()
+    assert images.stat().st_mtime_ns == decompressed  # a valid, newer decompressed file is used as it is
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["022", "027"])
+def test_decompressed_files_get_the_mode_open_would_give(tmp_path: Path, umask: int) -> None:
+    raw = make_dataset(tmp_path, compress=True)
+    old = os.umask(umask)
+    try:
+        _module(tmp_path).prepare_data()
+        (tmp_path / "opened").write_bytes(b"")
+    finally:
+        os.umask(old)
+    expected = stat.S_IMODE((tmp_path / "opened").stat().st_mode)
+    assert expected == 0o666 & ~umask
+    for path in raw.iterdir():
+        if not path.name.endswith(".gz"):
+            assert stat.S_IMODE(path.stat().st_mode) == expected, path.name

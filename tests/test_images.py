@@ -1,3 +1,6 @@
+import errno
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -5,7 +8,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from senet_pl.images import read_folder, to_training_style
+from senet_pl.images import MAX_PIXELS, MAX_SIDE, read_folder, to_training_style
 
 
 def stroke(size: tuple[int, int], dark_on_light: bool = True, box: tuple[float, float, float, float] = (0.4, 0.2, 0.6, 0.8)):
@@ -39,8 +42,12 @@ def test_read_folder_converts_good_files_and_lists_the_rest(tmp_path: Path) -> N
     found = read_folder(tmp_path / "mine")
     assert found.files == good
     assert found.images.shape == (5, 1, 28, 28) and found.images.dtype == torch.uint8
-    assert [name for name, _ in found.skipped] == ["f_truncated.png", "notes.txt"]
+    assert [name for name, _ in found.skipped] == ["f_truncated.png", "notes.txt", "subfolder"]
     assert "truncated" in found.skipped[0][1] and "not an image" in found.skipped[1][1]
+    assert found.skipped[2][1] == "a folder, not an image file (subfolders are not read)"
+    for name, image in zip(good, found.images):  # small images: exactly what converting the whole file gives
+        with Image.open(tmp_path / "mine" / name) as full:
+            assert torch.equal(image, to_training_style(full)), name
     for image in found.images:  # every one became a light stroke on black, like MNIST
         assert image[0, 0].max() == 0 and image.max() == 255
 
@@ -73,3 +80,95 @@ def test_any_mode_converts(mode: str) -> None:
     else:
         image = image.convert(mode)
     assert torch.equal(to_training_style(image), to_training_style(stroke((60, 40))))
+
+
+@pytest.fixture
+def no_hang():
+    """Fail, instead of hanging, a test whose code blocks (say, opening a FIFO nobody writes to)."""
+
+    def timeout(signum, frame):
+        raise TimeoutError("blocked for 20 s")
+
+    previous = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_entries_that_cannot_be_opened_are_listed_with_the_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_hang: None
+) -> None:
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    stroke((64, 64)).save(folder / "a_good.png")
+    (folder / "broken.png").symlink_to(folder / "gone.png")
+    (folder / "loop.png").symlink_to(folder / "loop.png")
+    os.mkfifo(folder / "pipe.png")  # opening it would block: it must not be opened
+    (folder / "link.png").symlink_to(folder / "a_good.png")  # a working link is read
+    stroke((64, 64)).save(folder / "locked.png")
+    (folder / "locked.png").chmod(0)
+    if os.geteuid() == 0:  # root reads it anyway: refuse it as the kernel would refuse anyone else
+        real_open = open
+
+        def refusing_open(file, *args, **kwargs):
+            if Path(file).name == "locked.png":
+                raise PermissionError(errno.EACCES, "Permission denied", str(file))
+            return real_open(file, *args, **kwargs)
+
+        monkeypatch.setattr("senet_pl.images.open", refusing_open, raising=False)
+    found = read_folder(folder)
+    assert found.files == ["a_good.png", "link.png"]
+    assert dict(found.skipped) == {
+        "broken.png": "a broken symbolic link: its target does not exist",
+        "locked.png": "cannot open: Permission denied",
+        "loop.png": "a symbolic link loop",
+        "pipe.png": "not a regular file (a FIFO, socket or device): not opened",
+    }
+
+
+def _spy_sizes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """The sizes of the images read_folder hands to to_training_style."""
+    sizes = []
+
+    def spy(image: Image.Image, *args) -> torch.Tensor:
+        sizes.append(image.size)
+        return to_training_style(image, *args)
+
+    monkeypatch.setattr("senet_pl.images.to_training_style", spy)
+    return sizes
+
+
+def test_a_huge_image_is_refused_from_its_header(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    Image.new("P", (12000, 12000)).save(folder / "bomb.png")  # 144 megapixels in a few KB
+    assert (folder / "bomb.png").stat().st_size < 1_000_000
+    stroke((64, 64)).save(folder / "digit.png")
+    sizes = _spy_sizes(monkeypatch)
+    found = read_folder(folder)
+    assert found.files == ["digit.png"] and sizes == [(64, 64)]  # the large one never reached the conversion
+    assert found.skipped == [("bomb.png", f"too large: 12000x12000 pixels, more than {MAX_PIXELS // 10**6} megapixels")]
+
+
+def test_large_images_are_shrunk_before_conversion_with_the_same_result(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    big = stroke((4200, 2800), box=(0.3, 0.2, 0.45, 0.7))  # JPEG: decoded at 1/2 scale
+    big.save(folder / "a_gray.png")
+    big.convert("P").save(folder / "b_palette.png")  # paletted: shrunk by averaging, not by picking pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated by 90 degrees
+    big.convert("RGB").save(folder / "c_rotated.jpg", quality=95, exif=exif)
+    sizes = _spy_sizes(monkeypatch)
+    found = read_folder(folder)
+    assert found.files == ["a_gray.png", "b_palette.png", "c_rotated.jpg"]
+    assert all(max(size) <= MAX_SIDE for size in sizes)
+    for name, image in zip(found.files, found.images):
+        with Image.open(folder / name) as full:
+            expected = to_training_style(full)  # the whole image, converted at full size
+        difference = (image.int() - expected.int()).abs()
+        assert difference.max() <= 8 and difference.float().mean() < 0.5, name
+    assert not torch.equal(found.images[2], found.images[0])  # the rotation was applied
