@@ -25,17 +25,25 @@ from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from senet_pl.files import give_default_mode
+
 TEMP_PREFIX = ".partial-"  # temporary files: hidden, and not ending in .ckpt, so never taken for checkpoints
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be written or read; the message names the file."""
+
+
+def is_state_dict(obj: Any) -> bool:
+    """A plain ``module.state_dict()``: names to tensors, nothing else (no optimizer, no loop state)."""
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def as_lightning_checkpoint(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """A plain SEResNet state dict as the checkpoint Lightning restores weights from (test, predict, analyze):
+    its keys get the LightningModule's ``model.`` prefix; the architecture comes from the config."""
+    weights = {k if k.startswith("model.") else f"model.{k}": v for k, v in state_dict.items()}
+    return {"state_dict": weights, "pytorch-lightning_version": L.__version__}
 
 
 def load_checkpoint(path: _PATH, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
@@ -73,7 +81,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             stale.unlink(missing_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f"{TEMP_PREFIX}{target.name}.")
         try:
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 -> what open() would have given
+            give_default_mode(tmp)
             with os.fdopen(fd, "wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()
@@ -92,7 +100,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.close(dir_fd)
 
     def load_checkpoint(self, path: _PATH, map_location: Any = None, weights_only: bool | None = None) -> dict:
-        return load_checkpoint(path, map_location=map_location or "cpu")
+        checkpoint = load_checkpoint(path, map_location=map_location or "cpu")
+        return as_lightning_checkpoint(checkpoint) if is_state_dict(checkpoint) else checkpoint
 
 
 class LatestCheckpoint(Checkpoint):
@@ -121,16 +130,18 @@ class LatestCheckpoint(Checkpoint):
         """
         self.dirpath = dirpath
         self.every_n_train_steps = every_n_train_steps
-        self._saved_step = -1
+        self.saved: tuple[str, int] | None = None  # (path, global step) of the last file this process wrote
 
     def _save(self, trainer: L.Trainer) -> None:
-        if trainer.global_step == self._saved_step or trainer.sanity_checking or trainer.state.fn != "fit":
+        already = self.saved is not None and self.saved[1] == trainer.global_step
+        if already or trainer.sanity_checking or trainer.state.fn != "fit":
             return
         best = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
         dirpath = self.dirpath or (best[0].dirpath if best else None)
         dirpath = dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "checkpoints")
-        trainer.save_checkpoint(os.path.join(dirpath, "last.ckpt"), weights_only=False)
-        self._saved_step = trainer.global_step
+        path = os.path.join(dirpath, "last.ckpt")
+        trainer.save_checkpoint(path, weights_only=False)
+        self.saved = (path, trainer.global_step)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
@@ -146,12 +157,14 @@ class LatestCheckpoint(Checkpoint):
         self._save(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, SIGTERMException) and trainer.training:
+        # Training or validating inside fit (not the sanity check, which comes before any step of this
+        # process): the state after the last optimizer step. Lightning restarts a validation cut short.
+        if isinstance(exception, SIGTERMException):
             self._save(trainer)
 
 
 class GracefulStop(Callback):
-    """Makes the first Ctrl-C stop training like SIGTERM does: at the next batch boundary, with a checkpoint.
+    """Makes the first Ctrl-C stop any command like SIGTERM does: at the next batch boundary (in fit, with a checkpoint).
 
     A KeyboardInterrupt can land anywhere, even half-way through an optimizer step, and a
     checkpoint of that state would not resume exactly; Lightning's SIGTERM handling only sets
@@ -162,14 +175,15 @@ class GracefulStop(Callback):
         self.signal: int | None = None
         self._previous: Any = None
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # From the start of every command (fit with its sanity check, validate, test, predict), not only training.
         self.signal = None
         self._previous = signal.signal(signal.SIGINT, self._on_sigint)
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         self.signal = signal.SIGINT
         signal.signal(signal.SIGINT, signal.default_int_handler)  # the next Ctrl-C raises KeyboardInterrupt
-        print("\nCtrl-C: stopping after this batch and saving last.ckpt (Ctrl-C again to abort at once)", flush=True)
+        print("\nCtrl-C: stopping after this batch (Ctrl-C again to abort at once)", flush=True)
         os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler sets the flag its loops check
 
     def _restore(self) -> None:
@@ -177,7 +191,7 @@ class GracefulStop(Callback):
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._restore()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:

@@ -13,14 +13,19 @@ What it adds to LightningCLI:
   folder so that its TensorBoard curves continue;
 - ``bf16-mixed`` falling back to what the hardware can do (fp16 on GPUs without bf16,
   fp32 on CPUs without bf16 instructions);
+- checkpoints checked and reconciled with the command line before anything reads them
+  (``resume.py``): nothing a checkpoint names is imported, and nothing typed is silently ignored;
 - short error messages for bad data, checkpoints and non-finite losses, instead of a traceback;
-  exit status 130 after Ctrl-C and 143 after SIGTERM, once ``last.ckpt`` is written.
+  exit status 130 after Ctrl-C and 143 after SIGTERM, with a message built from what was written;
+  a command that fails before its first training step leaves no run folder behind.
 """
 
 import csv
+import shutil
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as L
 import torch
@@ -31,16 +36,34 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from senet_pl.checkpoints import AtomicCheckpointIO, CheckpointError, GracefulStop, LatestCheckpoint, load_checkpoint
+from senet_pl.checkpoints import (
+    AtomicCheckpointIO,
+    CheckpointError,
+    GracefulStop,
+    LatestCheckpoint,
+    as_lightning_checkpoint,
+    load_checkpoint,
+)
 from senet_pl.data import DataError, EpochBatchSampler, MNISTDataModule
 from senet_pl.excitation import ExcitationAnalysis, se_blocks
 from senet_pl.figures import TensorBoardFigures
 from senet_pl.model import MIN_IMAGE_SIZE
 from senet_pl.module import NonFiniteLossError, SEResNetClassifier
+from senet_pl.resume import CheckpointInfo, read_checkpoint, reconcile, training_conflicts, weight_mismatch
+
+MAX_SEED = 2**32 - 1  # numpy's limit, which seed_everything passes the seed to
 
 
 class CLIError(Exception):
     """A command line that cannot be carried out; the message says what to do."""
+
+
+class Stopped(Exception):
+    """A command stopped by SIGTERM or Ctrl-C; the message says what was and was not written."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 class ShortErrorParser(LightningArgumentParser):
@@ -60,6 +83,11 @@ class PredictionWriter(BasePredictionWriter):
     def __init__(self, top: int = 3) -> None:
         super().__init__(write_interval="epoch")
         self.top = top
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        # Lightning's training and evaluation loops stop at a batch boundary after SIGTERM; its predict loop does not.
+        if trainer.received_sigterm:
+            raise SIGTERMException
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
         probs = torch.cat(predictions)
@@ -133,7 +161,9 @@ class SENetCLI(LightningCLI):
         # The optimizer is a model argument (--model.optimizer); no second, top-level group.
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("parser_class", ShortErrorParser)
-        callbacks = [LearningRateMonitor(), PredictionWriter(), TensorBoardFigures(), graceful_stop or GracefulStop()]
+        self.graceful_stop = graceful_stop or GracefulStop()
+        self.ckpt_info: CheckpointInfo | None = None  # the checked --ckpt_path, once resolved
+        callbacks = [LearningRateMonitor(), PredictionWriter(), TensorBoardFigures(), self.graceful_stop]
         kwargs.setdefault("trainer_defaults", {"callbacks": callbacks})
         kwargs.setdefault("trainer_class", Trainer)
         super().__init__(SEResNetClassifier, MNISTDataModule, **kwargs)
@@ -161,6 +191,19 @@ class SENetCLI(LightningCLI):
                 },
             }
         )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        # The same arguments without defaults: what the user gave, on the command line or in --config files
+        # (a checkpoint's settings may fill in the rest, never override these).
+        if isinstance(args, (dict, Namespace)):
+            self.explicit = parser.parse_object(args, defaults=False)
+        else:
+            self.explicit = parser.parse_args(args, defaults=False)
+        subcommand = self.config.get("subcommand")
+        seed = self.config[subcommand].get("seed_everything") if subcommand else self.config.get("seed_everything")
+        if type(seed) is int and not 0 <= seed <= MAX_SEED:
+            raise CLIError(f"--seed_everything {seed} is out of range: use a seed from 0 to {MAX_SEED} (or true for a random one).")
 
     def _logger_root(self) -> Path | None:
         """save_dir/name of the TensorBoard logger, where the runs' version_N folders are."""
@@ -190,7 +233,9 @@ class SENetCLI(LightningCLI):
         path = runs[-1]
         if name == "best":  # the best-checkpoint callback's record, kept in every checkpoint
             callbacks = load_checkpoint(path, mmap=True).get("callbacks", {})
-            best = [s["best_model_path"] for s in callbacks.values() if s.get("monitor") and s.get("best_model_path")]
+            callbacks = callbacks if isinstance(callbacks, dict) else {}
+            best = [s.get("best_model_path") for s in callbacks.values() if isinstance(s, dict) and s.get("monitor")]
+            best = [b for b in best if isinstance(b, str) and b]
             if not best or not Path(best[0]).is_file():
                 raise CLIError(f"--ckpt_path best: {path} records no best checkpoint that still exists.")
             path = Path(best[0])
@@ -198,30 +243,40 @@ class SENetCLI(LightningCLI):
         return str(path)
 
     def _parse_ckpt_path(self) -> None:
-        """Resolve ``--ckpt_path last|best|auto``, check the file loads safely, then let Lightning read it."""
+        """Resolve ``--ckpt_path last|best|auto``, check the checkpoint, and reconcile it with the config.
+
+        Replaces LightningCLI's own merge, which hands the checkpoint's hyperparameters to the parser
+        unchecked (and jsonargparse imports the class paths it finds there): see ``resume.py``.
+        """
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return
         cfg = self.config[subcommand]
         if cfg.get("ckpt_path") in ("last", "best", "auto"):
             cfg.ckpt_path = self._resolve_named_checkpoint(cfg.ckpt_path, subcommand)
-        if cfg.ckpt_path:
-            ckpt = load_checkpoint(cfg.ckpt_path, mmap=True)  # refuses unsafe or unreadable files before Lightning
-            # The model's settings come from the checkpoint (LightningCLI), the data's from the command line.
-            trained_on = (ckpt.get("datamodule_hyper_parameters") or {}).get("dataset")
-            if trained_on and trained_on != cfg.data.dataset and rank_zero_only.rank == 0:  # once, not per process
-                print(
-                    f"warning: {cfg.ckpt_path} was trained on {trained_on} but --data.dataset is {cfg.data.dataset}: "
-                    f"add --data.dataset {trained_on} (or its recipe's --config) unless that is what you want.",
-                    file=sys.stderr,
-                )
+        if not cfg.ckpt_path:
+            return
+        info = read_checkpoint(cfg.ckpt_path, SEResNetClassifier, MNISTDataModule)
+        if info.kind == "state_dict" and subcommand == "fit":
+            raise CLIError(
+                f"{cfg.ckpt_path} holds only weights (a plain state dict): fit resumes this project's checkpoints, "
+                "which also hold the optimizer and the position in the run. test, validate, predict and analyze "
+                "accept it, with the architecture from the config."
+            )
+        conflicts = reconcile(info, cfg, self.explicit.get(subcommand), subcommand, MNISTDataModule.data_shape)
+        if conflicts:
+            raise CLIError(
+                f"{cfg.ckpt_path} does not match the command line:\n  " + "\n  ".join(conflicts) + "\n"
+                "Leave these options out (the checkpoint's values are used) or give another checkpoint; "
+                "to train another model, start a new run without --ckpt_path."
+            )
+        self.ckpt_info = info
         # Resuming a run: log into its own version folder, so its TensorBoard curves continue.
         root = self._logger_root()
-        if subcommand == "fit" and cfg.ckpt_path and root and cfg.trainer.logger.init_args.version is None:
+        if subcommand == "fit" and root and cfg.trainer.logger.init_args.version is None:
             ckpt = Path(cfg.ckpt_path).resolve()
             if ckpt.parent.name == "checkpoints" and ckpt.parent.parent.parent == root.resolve():
                 cfg.trainer.logger.init_args.version = ckpt.parent.parent.name
-        super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config  # run=False has no subcommand
@@ -232,22 +287,100 @@ class SENetCLI(LightningCLI):
                 f"downsamples by {smallest}: use an image_size of at least {smallest}"
                 + (", or --model.stem cifar." if cfg.model.stem == "imagenet" else ".")
             )
+        if self.subcommand == "fit" and cfg.trainer.max_epochs == 0:
+            raise CLIError("--trainer.max_epochs 0 trains nothing: give at least 1 (or -1 for no limit).")
+        root = self._logger_root() if self.subcommand else None
+        if root is not None:
+            for folder in (*reversed(root.parents), root):
+                if folder.exists() and not folder.is_dir():
+                    raise CLIError(
+                        f"{folder} is a file, but the TensorBoard logger keeps its runs in that folder: move the file "
+                        "away, or choose another --trainer.logger.init_args.save_dir (or .name)."
+                    )
         cfg.trainer.precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
 
     def after_instantiate_classes(self) -> None:
         if self.trainer is not None and type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 
+    def _check_weights(self) -> None:
+        """The checkpoint's tensors fit the model the config builds (a plain state dict's architecture comes from it)."""
+        info = self.ckpt_info
+        if info is None:
+            return
+        weights = info.raw["state_dict"] if info.kind == "lightning" else as_lightning_checkpoint(info.raw)["state_dict"]
+        if not isinstance(weights, dict):
+            raise CheckpointError(f"refused {info.path}: its state_dict is not a dict of tensors.")
+        mismatch = weight_mismatch(self.model, weights)
+        if mismatch:
+            m = self.config[self.subcommand].model
+            raise CLIError(
+                f"{info.path} does not fit the model (--model.depth {m.depth} --model.stem {m.stem} --model.se "
+                f"{str(m.se).lower()} --model.reduction {m.reduction}): {mismatch}."
+            )
+
+    def before_fit(self) -> None:
+        self._check_weights()
+        info = self.ckpt_info
+        if info is None:
+            return
+        configured = self.model.configure_optimizers()  # the same objects fit builds, on the model's parameters
+        optimizers, schedulers = configured if isinstance(configured, tuple) else ([configured], [])
+        conflicts = training_conflicts(info, optimizers, [s["scheduler"] for s in schedulers], self.trainer.world_size)
+        if conflicts:
+            raise CLIError(
+                f"{info.path} cannot be resumed with this command line (Lightning would restore the checkpoint's "
+                "optimizer, schedule and position over it):\n  " + "\n  ".join(conflicts) + "\n"
+                "Use the run's own settings (its config.yaml) or start a new run."
+            )
+
+    before_validate = before_test = before_predict = before_analyze = _check_weights
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run it; on a failure before any training step, remove the run folders it created (no empty
+        version_N is left behind), and turn SIGTERM/Ctrl-C into a message built from what was written."""
+        root = self._logger_root()
+        before = set(root.iterdir()) if root is not None and root.is_dir() else set()
+        start_step = self.ckpt_info.global_step if self.ckpt_info else 0
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException as err:
+            removed = []
+            no_step = subcommand != "fit" or self.trainer.global_step == start_step  # only fit trains
+            if root is not None and root.is_dir() and no_step and self.trainer.is_global_zero:
+                for folder in sorted(set(root.iterdir()) - before):
+                    if folder.is_dir() and not any(folder.rglob("*.ckpt")):
+                        shutil.rmtree(folder, ignore_errors=True)
+                        removed.append(folder)
+            if isinstance(err, SIGTERMException):
+                raise Stopped(self._stop_message(subcommand, removed), self.graceful_stop.signal or signal.SIGTERM) from None
+            raise
+
+    def _stop_message(self, subcommand: str, removed: list[Path]) -> str:
+        name = "Ctrl-C" if self.graceful_stop.signal == signal.SIGINT else "SIGTERM"
+        step = self.trainer.global_step
+        if subcommand != "fit":
+            return f"{name}: {subcommand} stopped before the end; it wrote no results (and changes no model or checkpoint)."
+        latest = [c for c in self.trainer.checkpoint_callbacks if isinstance(c, LatestCheckpoint)]
+        saved = latest[0].saved if latest else None
+        if saved is not None and saved[1] == step:
+            return f"{name}: training stopped at step {step}; {saved[0]} holds every step done. Resume with --ckpt_path last."
+        if self.ckpt_info is not None and self.ckpt_info.global_step == step:
+            return (f"{name}: training stopped before its first step after resuming; {self.ckpt_info.path} (step {step}) "
+                    "still holds every step done. Resume with --ckpt_path last.")
+        if step == 0:
+            gone = f" (the new run folder {removed[0]} was removed)" if removed else ""
+            return f"{name}: training stopped before its first step: nothing to save{gone}."
+        return f"{name}: training stopped at step {step}, and no checkpoint of that step was written."
+
 
 def main(args: list[str] | None = None) -> None:
     if sys.argv[0].endswith("__main__.py"):
         sys.argv[0] = "python -m senet_pl"  # so that messages name the command that was typed
-    stop = GracefulStop()
     try:
-        SENetCLI(graceful_stop=stop, args=args)
+        SENetCLI(args=args)
     except (CLIError, DataError, CheckpointError, NonFiniteLossError) as err:
         sys.exit(f"error: {err}")
-    except SIGTERMException:
-        name = "Ctrl-C" if stop.signal == signal.SIGINT else "SIGTERM"
-        print(f"{name}: training stopped, last.ckpt written; resume with --ckpt_path last", file=sys.stderr)
-        sys.exit(128 + (stop.signal or signal.SIGTERM))
+    except Stopped as stop:
+        print(stop, file=sys.stderr)
+        sys.exit(128 + stop.signum)

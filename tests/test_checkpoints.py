@@ -77,7 +77,8 @@ def test_resume_mid_epoch_neither_replays_nor_skips(tmp_path: Path, uninterrupte
     fit(*EXACT, "--trainer.max_steps=14", "--last_checkpoint.every_n_train_steps=2")
     state = load_checkpoint(CHECKPOINTS / "last.ckpt")
     assert state["global_step"] == 14
-    assert state["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches_done": 4}]
+    position = {"epoch": 1, "batches_done": 4, "batch_size": 8, "world_size": 1, "seed": 42}
+    assert state["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [position]
     fit(*EXACT, "--ckpt_path=last")
     assert load_checkpoint(CHECKPOINTS / "last.ckpt")["global_step"] == 2 * STEPS_PER_EPOCH  # not off by one
     assert_same_weights(CHECKPOINTS / "last.ckpt", uninterrupted)
@@ -141,25 +142,66 @@ def test_kill_9_during_writes_and_at_random_moments_never_breaks_a_checkpoint(tm
     assert [p.name for p in folder.parent.parent.iterdir()] == ["run"]  # every attempt worked in the same run
 
 
-@pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_sigterm_and_ctrl_c_write_a_checkpoint_and_exit_nonzero(tmp_path: Path, signum: int, status: int) -> None:
+SIGNALS = [(signal.SIGTERM, 143), (signal.SIGINT, 130)]
+
+
+def _with_signal(cwd: Path, phase: str, signum: int, *args: str) -> subprocess.CompletedProcess:
+    """``python -m senet_pl ARGS`` that sends itself SIGNUM at PHASE (tests/signal_probe.py)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    probe = ["--trainer.callbacks+=signal_probe.SendSignal", f"--trainer.callbacks.phase={phase}",
+             f"--trainer.callbacks.signum={int(signum)}"]
+    return subprocess.run([sys.executable, "-m", "senet_pl", *args, *probe], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(("signum", "status"), SIGNALS)
+@pytest.mark.parametrize(("phase", "step"), [("sanity", 10), ("training", 4), ("validation", 10), ("checkpoint", 10)])
+def test_a_signal_in_any_phase_of_fit_keeps_every_step_and_resumes_exactly(
+    tmp_path: Path, uninterrupted: Path, phase: str, step: int, signum: int, status: int
+) -> None:
     make_dataset(tmp_path / "data")
-    args = ["fit", *FULL_EPOCHS, "--trainer.max_epochs=3"]
-    proc = subprocess.Popen([sys.executable, "-m", "senet_pl", *args], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    last = tmp_path / CHECKPOINTS / "last.ckpt"
-    start = time.monotonic()
-    while not last.exists() and time.monotonic() - start < 120:  # training has started
-        time.sleep(0.05)
-    proc.send_signal(signum)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == status, stderr[-2000:]
-    assert "last.ckpt written; resume with --ckpt_path last" in stderr
-    stopped_at = load_checkpoint(last)["global_step"]
-    assert STEPS_PER_EPOCH <= stopped_at < 3 * STEPS_PER_EPOCH
-    resumed = run(tmp_path, *args, "--ckpt_path=last")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert load_checkpoint(last)["global_step"] == 3 * STEPS_PER_EPOCH
+    resume = []
+    if phase == "sanity":  # a resumed run, stopped in the sanity check before its first step
+        fit(*EXACT, "--trainer.max_epochs=1")
+        resume = ["--ckpt_path=last"]
+    result = _with_signal(tmp_path, phase, signum, "fit", *EXACT, *resume)
+    assert result.returncode == status, result.stderr[-2000:]
+    last = CHECKPOINTS / "last.ckpt"
+    assert load_checkpoint(last)["global_step"] == step  # every optimizer step done, not an older state
+    name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+    if phase == "sanity":
+        said = f"{name}: training stopped before its first step after resuming; {last} (step {step}) still holds"
+    else:
+        said = f"{name}: training stopped at step {step}; {last} holds every step done. Resume with --ckpt_path last."
+    assert said in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    fit(*EXACT, "--ckpt_path=last")
+    assert_same_weights(last, uninterrupted)
+
+
+@pytest.mark.parametrize(("signum", "status"), SIGNALS)
+def test_a_signal_before_the_first_step_saves_nothing_and_leaves_no_run(tmp_path: Path, signum: int, status: int) -> None:
+    make_dataset(tmp_path / "data")
+    result = _with_signal(tmp_path, "sanity", signum, "fit", *TINY)
+    assert result.returncode == status, result.stderr[-2000:]
+    assert "training stopped before its first step: nothing to save (the new run folder" in result.stderr
+    assert not list(Path("lightning_logs/mnist").iterdir())  # no empty version_0 for --ckpt_path last to trip on
+
+
+@pytest.mark.parametrize(("signum", "status"), SIGNALS)
+@pytest.mark.parametrize("subcommand", ["test", "predict"])
+def test_a_signal_stops_test_and_predict_and_says_nothing_was_written(
+    tmp_path: Path, subcommand: str, signum: int, status: int
+) -> None:
+    make_dataset(tmp_path / "data")
+    fit(*TINY, "--trainer.max_epochs=1")
+    result = _with_signal(tmp_path, subcommand, signum, subcommand, *TINY, "--ckpt_path=last")
+    assert result.returncode == status, result.stderr[-2000:]
+    name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+    assert f"{name}: {subcommand} stopped before the end; it wrote no results" in result.stderr, result.stderr[-2000:]
+    assert "last.ckpt" not in result.stderr.split(f"{name}: ")[-1] and "Traceback" not in result.stderr
+    assert sorted(p.name for p in Path("lightning_logs/mnist").iterdir()) == ["version_0"]  # the test run left nothing
+    assert not list(Path("lightning_logs").rglob("predictions.csv"))
 
 
 def _fail_after(calls: int, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,40 @@
+"""A callback for tests/test_checkpoints.py, loaded by the CLI subprocess through PYTHONPATH: sends this
+process a signal once, at a chosen moment of a run, as a user's Ctrl-C or a scheduler's SIGTERM would."""
+
+import os
+
+import lightning.pytorch as L
+
+
+class SendSignal(L.Callback):
+    def __init__(self, phase: str, signum: int, step: int = 4) -> None:
+        """
+        Args:
+            phase: "sanity" (the sanity check's first batch), "training" (after optimizer step ``step``),
+                "validation" (the first batch of the first validation after the sanity check), "checkpoint"
+                (while the first checkpoint is being saved), "test" or "predict" (their first batch).
+            signum: the signal, e.g. 15 (SIGTERM) or 2 (SIGINT).
+            step: for "training".
+        """
+        self.phase, self.signum, self.step, self.sent = phase, signum, step, False
+
+    def _send(self, now: bool) -> None:
+        if now and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        phase = "sanity" if trainer.sanity_checking else "validation"
+        self._send(self.phase == phase and batch_idx == 0)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._send(self.phase == "training" and trainer.global_step == self.step)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self._send(self.phase == "checkpoint")
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._send(self.phase == "test")
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._send(self.phase == "predict")

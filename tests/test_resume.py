@@ -1,0 +1,276 @@
+"""What a checkpoint may tell the CLI (nothing it names is imported), and what may change when it is used."""
+
+import shutil
+from pathlib import Path
+from typing import Literal
+
+import pytest
+import torch
+import torchvision
+import yaml
+from conftest import N_TEST, TINY, make_dataset
+from jsonargparse.typing import NonNegativeInt, PositiveInt
+
+from senet_pl.checkpoints import load_checkpoint
+from senet_pl.cli import main
+from senet_pl.model import SEResNet
+from senet_pl.resume import fits
+
+RUN = Path("lightning_logs/mnist/version_0")
+
+
+def cli(*args: str) -> str | None:
+    """``python -m senet_pl ARGS`` in-process; the error message, or None on success."""
+    try:
+        main(list(args))
+    except SystemExit as exit_:
+        return str(exit_.code) if exit_.code else None
+    return None
+
+
+@pytest.fixture(scope="module")
+def one_epoch(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding synthetic data and a 1-epoch run (3 steps) of the tiny recipe."""
+    cwd = tmp_path_factory.mktemp("one_epoch")
+    make_dataset(cwd / "data")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(cwd)
+        assert cli("fit", *TINY, "--trainer.max_epochs=1") is None
+    return cwd
+
+
+@pytest.fixture
+def run_copy(one_epoch: Path, tmp_path: Path) -> Path:
+    """A private copy of the 1-epoch run in the test's own folder (the current directory)."""
+    shutil.copytree(one_epoch / "data", tmp_path / "data")
+    shutil.copytree(one_epoch / "lightning_logs", tmp_path / "lightning_logs")
+    return tmp_path / RUN / "checkpoints" / "last.ckpt"
+
+
+# -- a checkpoint never makes the program import or run anything ----------------------------------
+
+PWN = '''
+from pathlib import Path
+Path("MARKER").write_text("imported")
+
+class Opt:
+    def __init__(self, *args, **kwargs):
+        Path("MARKER").write_text("called")
+'''
+
+
+def _hostile(ckpt: dict, where: str) -> dict:
+    hp, dm = ckpt["hyper_parameters"], ckpt["datamodule_hyper_parameters"]
+    if where == "optimizer":
+        hp["optimizer"] = {"class_path": "pwnmod.Opt", "init_args": {"lr": 0.1}}
+    elif where == "lr_scheduler":
+        hp["lr_scheduler"] = {"class_path": "pwnmod.Opt"}
+    elif where == "data":
+        dm["dataset"] = {"class_path": "pwnmod.Opt"}
+    elif where == "unknown key":
+        hp["backdoor"] = "pwnmod.Opt"
+    elif where == "instantiator":
+        hp["_instantiator"] = "pwnmod.Opt"
+    elif where == "class_path":
+        hp["_class_path"] = "pwnmod.Opt"
+    elif where == "string value":
+        hp["stem"] = "pwnmod.Opt"
+    return ckpt
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "test", "predict", "analyze"])
+@pytest.mark.parametrize(
+    ("where", "named"),
+    [
+        ("optimizer", "hyper_parameters.optimizer"),
+        ("lr_scheduler", "hyper_parameters.lr_scheduler"),
+        ("data", "datamodule_hyper_parameters.dataset"),
+        ("unknown key", "hyper_parameters.backdoor"),
+        ("instantiator", "hyper_parameters._instantiator"),
+        ("class_path", "hyper_parameters._class_path"),
+        ("string value", "hyper_parameters.stem"),
+    ],
+)
+def test_class_paths_in_a_checkpoint_are_refused_and_never_imported(
+    run_copy: Path, tmp_path: Path, subcommand: str, where: str, named: str
+) -> None:
+    (tmp_path / "pwnmod.py").write_text(PWN.replace("MARKER", str(tmp_path / "marker")))
+    evil = tmp_path / "evil.ckpt"
+    torch.save(_hostile(load_checkpoint(run_copy), where), evil)
+    message = cli(subcommand, *TINY, f"--ckpt_path={evil}")
+    assert message is not None and message.startswith(f"error: refused {evil}: {named}"), message
+    assert "Nothing was imported" in message
+    assert not (tmp_path / "marker").exists()
+
+
+@pytest.mark.parametrize(
+    ("value", "annotation", "expected"),
+    [
+        (18, Literal[18, 34], True),
+        (20, Literal[18, 34], False),
+        (True, Literal[1], False),  # a bool is not the int 1
+        ("cifar", Literal["cifar"], True),
+        (1, bool, False),
+        (False, bool, True),
+        (3, PositiveInt, True),
+        (0, PositiveInt, False),
+        (0, NonNegativeInt, True),
+        (True, PositiveInt, False),
+        (None, str | None, True),
+        ("x", str | None, True),
+        (2.5, float, True),
+        ({"class_path": "os.system"}, str | None, False),
+        (["a"], str, False),
+    ],
+)
+def test_fits_accepts_plain_values_of_the_declared_type_only(value, annotation, expected: bool) -> None:
+    assert fits(value, annotation) is expected
+
+
+# -- what a resume or an evaluation may change -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["--model.depth=34"], "--model.depth 34, but the checkpoint has 18"),
+        (["--model.se=false"], "--model.se False, but the checkpoint has True"),
+        (["--model.reduction=8"], "--model.reduction 8, but the checkpoint has 16"),
+        (["--model.stem=imagenet", "--data.image_size=32"], "--model.stem imagenet, but the checkpoint has cifar"),
+        (["--data.dataset=fashion_mnist"], "--data.dataset fashion_mnist, but the checkpoint has mnist"),
+        (["--data.image_size=32"], "--data.image_size 32, but the checkpoint has 28"),
+        (["--data.val_size=24"], "--data.val_size 24, but the checkpoint has 16"),
+        (["--data.split_seed=1"], "--data.split_seed 1, but the checkpoint has 42"),
+        (["--model.warmup_steps=5"], "--model.warmup_steps 5, but the checkpoint has 100"),
+        (["--model.optimizer.init_args.lr=0.01"], "--model.optimizer.init_args.lr 0.01, but the checkpoint's SGD has 0.1"),
+        (["--model.optimizer=Adam"], "--model.optimizer Adam, but the checkpoint's optimizer has other settings"),
+        (["--model.lr_scheduler.init_args.T_max=5"], "CosineAnnealingLR T_max 5, but the checkpoint's has 15"),
+        (["--model.lr_scheduler=null"], "the config's schedule has 1 scheduler(s) (LinearLR"),
+    ],
+)
+def test_resume_refuses_what_it_would_silently_ignore(run_copy: Path, args: list[str], line: str) -> None:
+    config = (run_copy.parent.parent / "config.yaml").read_text()
+    message = cli("fit", *TINY, "--trainer.max_epochs=2", "--ckpt_path=last", *args)
+    assert message is not None and line in message, message
+    assert message.count("\n") <= 4 and "Traceback" not in message
+    assert load_checkpoint(run_copy)["global_step"] == 3  # nothing ran
+    assert (run_copy.parent.parent / "config.yaml").read_text() == config  # the run's record is untouched
+
+
+@pytest.mark.parametrize(
+    ("args", "key", "value"),
+    [
+        ([], "max_epochs", 2),  # the documented case: train on for longer
+        (["--data.batch_size=16"], "batch_size", 16),  # at an epoch boundary
+        (["--seed_everything=7"], "seed_everything", 7),  # at an epoch boundary
+        (["--model.channels_last=false"], "channels_last", False),
+        (["--trainer.precision=32-true"], "precision", "32-true"),
+        (["--data.translate=0"], "translate", 0),
+        (["--last_checkpoint.every_n_train_steps=1"], "every_n_train_steps", 1),
+    ],
+)
+def test_resume_may_change_these(run_copy: Path, args: list[str], key: str, value) -> None:
+    assert cli("fit", *TINY, "--trainer.max_epochs=2", "--ckpt_path=last", *args) is None
+    assert load_checkpoint(run_copy)["global_step"] > 3  # it trained on
+    config = yaml.safe_load((run_copy.parent.parent / "config.yaml").read_text())
+    found = {k: v for section in config.values() if isinstance(section, dict) for k, v in section.items()}
+    found |= {k: v for k, v in config.items() if not isinstance(v, dict)}
+    assert found[key] == value  # config.yaml describes what ran
+
+
+def test_values_left_out_are_taken_from_the_checkpoint(run_copy: Path, tmp_path: Path) -> None:
+    """A user who resumes without the recipe gets the checkpoint's model and data settings, recorded as such."""
+    ckpt = load_checkpoint(run_copy)
+    ckpt["hyper_parameters"]["reduction"] = 8  # as if trained with --model.reduction 8
+    ckpt["state_dict"] = {f"model.{k}": v for k, v in SEResNet(reduction=8).state_dict().items()}
+    torch.save(ckpt, tmp_path / "r8.ckpt")
+    bare = [a for a in TINY if not a.startswith("--config")]  # no recipe: defaults, and the checkpoint
+    assert cli("test", *bare, f"--ckpt_path={tmp_path / 'r8.ckpt'}") is None
+    config = yaml.safe_load(next(Path("lightning_logs/senet").glob("version_*/config.yaml")).read_text())
+    assert config["model"]["reduction"] == 8 and config["model"]["warmup_steps"] == 100
+
+
+def _mid_epoch(run_copy: Path) -> None:
+    """Replace the run by one whose last.ckpt was written 1 batch into its second epoch (every_n_train_steps)."""
+    shutil.rmtree("lightning_logs")
+    assert cli("fit", *TINY, "--trainer.max_steps=4", "--last_checkpoint.every_n_train_steps=1") is None
+    position = load_checkpoint(run_copy)["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert position == {"epoch": 1, "batches_done": 1, "batch_size": 8, "world_size": 1, "seed": 42}
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["--data.batch_size=16"], "--data.batch_size 16, but the checkpoint stopped mid-epoch with batch size 8"),
+        (["--seed_everything=7"], "--seed_everything 7, but the checkpoint stopped mid-epoch in the order of seed 42"),
+    ],
+)
+def test_mid_epoch_resume_refuses_another_batch_size_or_seed(run_copy: Path, args: list[str], line: str) -> None:
+    _mid_epoch(run_copy)
+    message = cli("fit", *TINY, "--trainer.max_epochs=2", "--ckpt_path=last", *args)
+    assert message is not None and line in message, message
+    assert load_checkpoint(run_copy)["global_step"] == 4
+
+
+def test_mid_epoch_resume_refuses_another_number_of_processes(run_copy: Path) -> None:
+    _mid_epoch(run_copy)
+    ckpt = load_checkpoint(run_copy)
+    ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["world_size"] = 2
+    torch.save(ckpt, run_copy)
+    message = cli("fit", *TINY, "--trainer.max_epochs=2", "--ckpt_path=last")
+    assert message is not None and "1 process(es), but the checkpoint stopped mid-epoch with 2" in message, message
+
+
+@pytest.mark.parametrize("subcommand", ["test", "validate", "predict", "analyze"])
+def test_evaluating_at_another_size_or_dataset_is_refused(run_copy: Path, tmp_path: Path, subcommand: str) -> None:
+    ckpt = load_checkpoint(run_copy)
+    ckpt["datamodule_hyper_parameters"]["image_size"] = 32  # a model trained at 32x32
+    torch.save(ckpt, tmp_path / "at32.ckpt")
+    message = cli(subcommand, *TINY, f"--ckpt_path={tmp_path / 'at32.ckpt'}")  # the recipe says 28
+    assert message is not None and "--data.image_size 28, but the checkpoint has 32" in message, message
+    message = cli(subcommand, *TINY, "--ckpt_path=last", "--data.dataset=kmnist")
+    assert message is not None and "--data.dataset kmnist, but the checkpoint has mnist" in message, message
+
+
+# -- files that are not checkpoints of this project ---------------------------------------------------
+
+
+def test_a_plain_state_dict_is_accepted_for_evaluation_only(run_copy: Path, tmp_path: Path, capsys) -> None:
+    weights = {k.removeprefix("model."): v for k, v in load_checkpoint(run_copy)["state_dict"].items()}
+    torch.save(weights, tmp_path / "weights.pt")
+    assert cli("test", *TINY, "--trainer.limit_test_batches=1.0", f"--ckpt_path={run_copy}") is None
+    from_ckpt = capsys.readouterr().out
+    assert cli("test", *TINY, "--trainer.limit_test_batches=1.0", f"--ckpt_path={tmp_path / 'weights.pt'}") is None
+    from_weights = capsys.readouterr().out
+    acc = [line for line in from_ckpt.splitlines() if "test/acc" in line]
+    assert acc and acc == [line for line in from_weights.splitlines() if "test/acc" in line]  # the same model
+    runs = sorted(p.name for p in Path("lightning_logs/mnist").iterdir())
+    message = cli("fit", *TINY, f"--ckpt_path={tmp_path / 'weights.pt'}")
+    assert message is not None and "holds only weights (a plain state dict): fit resumes" in message
+    assert sorted(p.name for p in Path("lightning_logs/mnist").iterdir()) == runs  # no folder left behind
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "test", "predict", "analyze"])
+@pytest.mark.parametrize("kind", ["torchvision resnet18", "other dict", "tensor"])
+def test_files_of_other_kinds_get_one_line(run_copy: Path, tmp_path: Path, subcommand: str, kind: str) -> None:
+    path = tmp_path / "other.pt"
+    obj = {"torchvision resnet18": lambda: torchvision.models.resnet18().state_dict(),
+           "other dict": lambda: {"epoch": 3, "model": {"w": torch.zeros(2)}},
+           "tensor": lambda: torch.zeros(3)}[kind]()
+    torch.save(obj, path)
+    runs = sorted(p.name for p in Path("lightning_logs/mnist").iterdir())
+    message = cli(subcommand, *TINY, f"--ckpt_path={path}")
+    assert message is not None and message.startswith("error: ") and "\n" not in message, message
+    if kind == "torchvision resnet18" and subcommand != "fit":
+        assert "does not fit the model" in message and "model.conv1.weight: (64, 3, 7, 7) in the file" in message
+    elif kind != "torchvision resnet18":
+        assert f"{path} is not a checkpoint of this project" in message
+    assert sorted(p.name for p in Path("lightning_logs/mnist").iterdir()) == runs
+
+
+def test_predict_from_a_plain_state_dict(run_copy: Path, tmp_path: Path) -> None:
+    weights = {k.removeprefix("model."): v for k, v in load_checkpoint(run_copy)["state_dict"].items()}
+    torch.save(weights, tmp_path / "weights.pt")
+    assert cli("predict", *TINY, f"--ckpt_path={tmp_path / 'weights.pt'}") is None
+    rows = next(Path("lightning_logs/mnist").glob("version_*/predictions.csv")).read_text().splitlines()
+    assert len(rows) == N_TEST + 1
