@@ -181,6 +181,8 @@ class GracefulStop(Callback):
         self._previous = signal.signal(signal.SIGINT, self._on_sigint)
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self._previous is None:  # the command has ended (Lightning's teardown may reinstall this handler)
+            raise KeyboardInterrupt
         self.signal = signal.SIGINT
         signal.signal(signal.SIGINT, signal.default_int_handler)  # the next Ctrl-C raises KeyboardInterrupt
         print("\nCtrl-C: stopping after this batch (Ctrl-C again to abort at once)", flush=True)

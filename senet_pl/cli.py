@@ -377,6 +377,7 @@ class SENetCLI(LightningCLI):
 def main(args: list[str] | None = None) -> None:
     if sys.argv[0].endswith("__main__.py"):
         sys.argv[0] = "python -m senet_pl"  # so that messages name the command that was typed
+    sigint = signal.getsignal(signal.SIGINT)
     try:
         SENetCLI(args=args)
     except (CLIError, DataError, CheckpointError, NonFiniteLossError) as err:
@@ -384,3 +385,6 @@ def main(args: list[str] | None = None) -> None:
     except Stopped as stop:
         print(stop, file=sys.stderr)
         sys.exit(128 + stop.signum)
+    finally:
+        # After an interrupted run Lightning's teardown puts back the handlers of when it started, GracefulStop's too.
+        signal.signal(signal.SIGINT, sigint)

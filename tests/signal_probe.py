@@ -7,7 +7,7 @@ import lightning.pytorch as L
 
 
 class SendSignal(L.Callback):
-    def __init__(self, phase: str, signum: int, step: int = 4) -> None:
+    def __init__(self, phase: str, signum: int, step: int = 3) -> None:
         """
         Args:
             phase: "sanity" (the sanity check's first batch), "training" (after optimizer step ``step``),

@@ -143,29 +143,48 @@ def test_kill_9_during_writes_and_at_random_moments_never_breaks_a_checkpoint(tm
 
 
 SIGNALS = [(signal.SIGTERM, 143), (signal.SIGINT, 130)]
+SHORT = [*EXACT, "--trainer.limit_train_batches=5"]  # 2 epochs of 5 steps: the signal tests' run
 
 
-def _with_signal(cwd: Path, phase: str, signum: int, *args: str) -> subprocess.CompletedProcess:
-    """``python -m senet_pl ARGS`` that sends itself SIGNUM at PHASE (tests/signal_probe.py)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    probe = ["--trainer.callbacks+=signal_probe.SendSignal", f"--trainer.callbacks.phase={phase}",
-             f"--trainer.callbacks.signum={int(signum)}"]
-    return subprocess.run([sys.executable, "-m", "senet_pl", *args, *probe], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+@pytest.fixture(scope="module")
+def uninterrupted_short(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """last.ckpt of an uninterrupted SHORT run."""
+    cwd = tmp_path_factory.mktemp("uninterrupted_short")
+    make_dataset(cwd / "data")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(cwd)
+        fit(*SHORT)
+    return cwd / CHECKPOINTS / "last.ckpt"
+PROBE_PATH = str(Path(__file__).parent)  # tests/signal_probe.py, for the CLI's --trainer.callbacks
+
+
+def _probe(phase: str, signum: int) -> list[str]:
+    return ["--trainer.callbacks+=signal_probe.SendSignal", f"--trainer.callbacks.phase={phase}",
+            f"--trainer.callbacks.signum={int(signum)}"]
+
+
+def _signalled(capsys: pytest.CaptureFixture, phase: str, signum: int, *args: str) -> tuple[int, str]:
+    """``main(ARGS)`` in this process, which sends itself SIGNUM at PHASE: exit status and stderr.
+    (Lightning's and GracefulStop's handlers are restored when the command ends.)"""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, *_probe(phase, signum)])
+    return exit_.value.code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("signum", "status"), SIGNALS)
-@pytest.mark.parametrize(("phase", "step"), [("sanity", 10), ("training", 4), ("validation", 10), ("checkpoint", 10)])
+@pytest.mark.parametrize(("phase", "step"), [("sanity", 5), ("training", 3), ("validation", 5), ("checkpoint", 5)])
 def test_a_signal_in_any_phase_of_fit_keeps_every_step_and_resumes_exactly(
-    tmp_path: Path, uninterrupted: Path, phase: str, step: int, signum: int, status: int
+    tmp_path: Path, uninterrupted_short: Path, capsys: pytest.CaptureFixture, phase: str, step: int, signum: int,
+    status: int
 ) -> None:
     make_dataset(tmp_path / "data")
     resume = []
     if phase == "sanity":  # a resumed run, stopped in the sanity check before its first step
-        fit(*EXACT, "--trainer.max_epochs=1")
+        fit(*SHORT, "--trainer.max_epochs=1")
         resume = ["--ckpt_path=last"]
-    result = _with_signal(tmp_path, phase, signum, "fit", *EXACT, *resume)
-    assert result.returncode == status, result.stderr[-2000:]
+    code, stderr = _signalled(capsys, phase, signum, "fit", *SHORT, *resume)
+    assert code == status, stderr[-2000:]
     last = CHECKPOINTS / "last.ckpt"
     assert load_checkpoint(last)["global_step"] == step  # every optimizer step done, not an older state
     name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
@@ -173,33 +192,36 @@ def test_a_signal_in_any_phase_of_fit_keeps_every_step_and_resumes_exactly(
         said = f"{name}: training stopped before its first step after resuming; {last} (step {step}) still holds"
     else:
         said = f"{name}: training stopped at step {step}; {last} holds every step done. Resume with --ckpt_path last."
-    assert said in result.stderr, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-    fit(*EXACT, "--ckpt_path=last")
-    assert_same_weights(last, uninterrupted)
+    assert said in stderr, stderr[-2000:]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    fit(*SHORT, "--ckpt_path=last")
+    assert_same_weights(last, uninterrupted_short)
 
 
 @pytest.mark.parametrize(("signum", "status"), SIGNALS)
 def test_a_signal_before_the_first_step_saves_nothing_and_leaves_no_run(tmp_path: Path, signum: int, status: int) -> None:
+    """In the real process (``python -m senet_pl``): its exit status and message."""
     make_dataset(tmp_path / "data")
-    result = _with_signal(tmp_path, "sanity", signum, "fit", *TINY)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([PROBE_PATH, os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-m", "senet_pl", "fit", *TINY, *_probe("sanity", signum)], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == status, result.stderr[-2000:]
     assert "training stopped before its first step: nothing to save (the new run folder" in result.stderr
+    assert "Traceback" not in result.stderr
     assert not list(Path("lightning_logs/mnist").iterdir())  # no empty version_0 for --ckpt_path last to trip on
 
 
 @pytest.mark.parametrize(("signum", "status"), SIGNALS)
 @pytest.mark.parametrize("subcommand", ["test", "predict"])
 def test_a_signal_stops_test_and_predict_and_says_nothing_was_written(
-    tmp_path: Path, subcommand: str, signum: int, status: int
+    tmp_path: Path, capsys: pytest.CaptureFixture, subcommand: str, signum: int, status: int
 ) -> None:
     make_dataset(tmp_path / "data")
     fit(*TINY, "--trainer.max_epochs=1")
-    result = _with_signal(tmp_path, subcommand, signum, subcommand, *TINY, "--ckpt_path=last")
-    assert result.returncode == status, result.stderr[-2000:]
+    code, stderr = _signalled(capsys, subcommand, signum, subcommand, *TINY, "--ckpt_path=last")
+    assert code == status, stderr[-2000:]
     name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-    assert f"{name}: {subcommand} stopped before the end; it wrote no results" in result.stderr, result.stderr[-2000:]
-    assert "last.ckpt" not in result.stderr.split(f"{name}: ")[-1] and "Traceback" not in result.stderr
+    assert f"{name}: {subcommand} stopped before the end; it wrote no results" in stderr, stderr[-2000:]
     assert sorted(p.name for p in Path("lightning_logs/mnist").iterdir()) == ["version_0"]  # the test run left nothing
     assert not list(Path("lightning_logs").rglob("predictions.csv"))
 
