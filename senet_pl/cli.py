@@ -20,7 +20,6 @@ What it adds to LightningCLI:
   a command that fails before its first training step leaves no run folder behind.
 """
 
-import csv
 import shutil
 import signal
 import sys
@@ -28,27 +27,23 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as L
-import torch
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from senet_pl.checkpoints import (
-    AtomicCheckpointIO,
-    CheckpointError,
-    GracefulStop,
-    LatestCheckpoint,
-    as_lightning_checkpoint,
-    load_checkpoint,
-)
-from senet_pl.data import DataError, EpochBatchSampler, MNISTDataModule
-from senet_pl.excitation import ExcitationAnalysis, se_blocks
-from senet_pl.figures import TensorBoardFigures
+from senet_pl.callbacks.excitation import ExcitationAnalysis
+from senet_pl.callbacks.figures import TensorBoardFigures
+from senet_pl.callbacks.last import GracefulStop, LatestCheckpoint
+from senet_pl.callbacks.predictions import PredictionWriter
+from senet_pl.checkpoints import AtomicCheckpointIO, CheckpointError, as_lightning_checkpoint, load_checkpoint
+from senet_pl.compat import LightningCLIHooks
+from senet_pl.data import DataError, MNISTDataModule
+from senet_pl.gates import se_blocks
 from senet_pl.model import MIN_IMAGE_SIZE
 from senet_pl.module import NonFiniteLossError, SEResNetClassifier
+from senet_pl.precision import resolve_precision
 from senet_pl.resume import CheckpointInfo, read_checkpoint, reconcile, training_conflicts, weight_mismatch
 
 MAX_SEED = 2**32 - 1  # numpy's limit, which seed_everything passes the seed to
@@ -73,55 +68,6 @@ class ShortErrorParser(LightningArgumentParser):
         pass
 
 
-class PredictionWriter(BasePredictionWriter):
-    """Writes ``predictions.csv`` to the run folder: per image its predicted class, probability and top 3.
-
-    Images are named by their index in the test split, or by file name with ``--data.predict_dir``
-    (files that could not be read are listed in ``skipped.csv``).
-    """
-
-    def __init__(self, top: int = 3) -> None:
-        super().__init__(write_interval="epoch")
-        self.top = top
-
-    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        # Lightning's training and evaluation loops stop at a batch boundary after SIGTERM; its predict loop does not.
-        if trainer.received_sigterm:
-            raise SIGTERMException
-
-    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
-        probs = torch.cat(predictions)
-        # The data module's loader yields whole batches, so Lightning cannot see the sample indices;
-        # its sampler lists them, for this process, in the order the predictions were made.
-        loader = trainer.predict_dataloaders
-        sampler = getattr(loader[0] if isinstance(loader, list) else loader, "sampler", None)
-        if isinstance(sampler, EpochBatchSampler):
-            indices = [i for _, batch in sampler for i in batch]
-        else:
-            indices = list(range(len(probs)))
-        dm = trainer.datamodule
-        files = getattr(dm, "predict_files", None)
-        classes = getattr(getattr(dm, "dataset_cls", None), "classes", None)
-        top_p, top_k = probs.topk(min(self.top, probs.shape[1]), dim=1)
-        suffix = f"_rank{trainer.global_rank}" if trainer.world_size > 1 else ""
-        folder = Path(trainer.log_dir or ".")
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"predictions{suffix}.csv"
-        with open(path, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["file" if files else "index", "prediction", "class", "confidence", f"top{self.top}"])
-            for i, ks, ps in zip(indices, top_k.tolist(), top_p.tolist()):
-                name = classes[ks[0]] if classes else ks[0]
-                top = " ".join(f"{k}:{p:.4f}" for k, p in zip(ks, ps))
-                writer.writerow([files[i] if files else i, ks[0], name, f"{ps[0]:.6f}", top])
-        print(f"predictions for {len(probs)} images written to {path}")
-        skipped = getattr(dm, "predict_skipped", None) if files else None
-        if skipped and trainer.is_global_zero:
-            with open(folder / "skipped.csv", "w", newline="") as f:
-                csv.writer(f).writerows([("file", "reason"), *skipped])
-            print(f"{len(skipped)} unreadable files listed in {folder / 'skipped.csv'}")
-
-
 class Trainer(L.Trainer):
     """Lightning's Trainer plus the ``analyze`` subcommand."""
 
@@ -135,27 +81,11 @@ class Trainer(L.Trainer):
             raise CLIError("analyze needs a trained model: add --ckpt_path PATH (or best / last).")
         if not se_blocks(model.model):
             raise CLIError(f"{ckpt_path} is a plain ResNet (se: false): it has no SE gates to analyze.")
-        classes = [name.split(" - ")[0] for name in datamodule.dataset_cls.classes]
-        self.callbacks.append(ExcitationAnalysis(classes))
+        self.callbacks.append(ExcitationAnalysis(datamodule.short_class_names))
         self.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
 
 
-def _cpu_has_bf16() -> bool:
-    # torch has no public query for this; its private checks may be missing in other versions
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
-def resolve_precision(precision: str | int | None, accelerator: str) -> str | int | None:
-    """Keep ``bf16-mixed`` where the hardware runs bf16, else the best mixed precision it has."""
-    if precision != "bf16-mixed":
-        return precision
-    if torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda"):
-        return precision if torch.cuda.is_bf16_supported() else "16-mixed"
-    return precision if _cpu_has_bf16() else "32-true"
-
-
-class SENetCLI(LightningCLI):
+class SENetCLI(LightningCLIHooks):
     def __init__(self, graceful_stop: GracefulStop | None = None, **kwargs) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})  # resuming writes into the same run folder
         # The optimizer is a model argument (--model.optimizer); no second, top-level group.
@@ -170,7 +100,7 @@ class SENetCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), "analyze": {"model", "datamodule"}}
+        return {**LightningCLIHooks.subcommands(), "analyze": {"model", "datamodule"}}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
@@ -242,7 +172,7 @@ class SENetCLI(LightningCLI):
         print(f"--ckpt_path {name} resolved to {path}", file=sys.stderr)
         return str(path)
 
-    def _parse_ckpt_path(self) -> None:
+    def reconcile_checkpoint(self) -> None:
         """Resolve ``--ckpt_path last|best|auto``, check the checkpoint, and reconcile it with the config.
 
         Replaces LightningCLI's own merge, which hands the checkpoint's hyperparameters to the parser
@@ -336,14 +266,14 @@ class SENetCLI(LightningCLI):
 
     before_validate = before_test = before_predict = before_analyze = _check_weights
 
-    def _run_subcommand(self, subcommand: str) -> None:
+    def run_subcommand(self, subcommand: str) -> None:
         """Run it; on a failure before any training step, remove the run folders it created (no empty
         version_N is left behind), and turn SIGTERM/Ctrl-C into a message built from what was written."""
         root = self._logger_root()
         before = set(root.iterdir()) if root is not None and root.is_dir() else set()
         start_step = self.ckpt_info.global_step if self.ckpt_info else 0
         try:
-            super()._run_subcommand(subcommand)
+            super().run_subcommand(subcommand)
         except BaseException as err:
             removed = []
             no_step = subcommand != "fit" or self.trainer.global_step == start_step  # only fit trains

@@ -7,9 +7,10 @@ SE is an injected part of each block (as in timm): ``se=False`` swaps it for
 one-switch comparison.
 """
 
+import typing
 from collections.abc import Callable
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -134,15 +135,17 @@ class Bottleneck(nn.Module):
         return self.relu(out + identity)
 
 
+Block = type[BasicBlock] | type[Bottleneck]
 # depth -> (block, blocks per stage), Table 1 of He et al. (2016).
-LAYERS: dict[int, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, int, int, int]]] = {
+LAYERS: dict[int, tuple[Block, tuple[int, int, int, int]]] = {
     18: (BasicBlock, (2, 2, 2, 2)),
     34: (BasicBlock, (3, 4, 6, 3)),
     50: (Bottleneck, (3, 4, 6, 3)),
     101: (Bottleneck, (3, 4, 23, 3)),
     152: (Bottleneck, (3, 8, 36, 3)),
 }
-STEMS = ("cifar", "imagenet")
+Depth = Literal[18, 34, 50, 101, 152]
+STEMS: tuple[str, ...] = typing.get_args(Stem)
 # Total downsampling of each stem plus the three stride-2 stages: images smaller than this
 # leave the last stage with less than one pixel of real input per position.
 MIN_IMAGE_SIZE = {"cifar": 8, "imagenet": 32}
@@ -153,7 +156,7 @@ class SEResNet(nn.Module):
 
     def __init__(
         self,
-        depth: int = 18,
+        depth: Depth = 18,
         stem: Stem = "cifar",
         in_channels: int = 1,
         num_classes: int = 10,
@@ -187,18 +190,13 @@ class SEResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
 
-        stages = []
-        inplanes = 64
-        for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers)):
-            stride = 1 if i == 0 else 2
-            stage = []
-            for b in range(blocks):
-                stage.append(block(inplanes, planes, stride if b == 0 else 1, attn_layer))
-                inplanes = planes * block.expansion
-            stages.append(nn.Sequential(*stage))
-        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.inplanes = 64
+        self.layer1 = self._make_layer(block, 64, layers[0], 1, attn_layer)
+        self.layer2 = self._make_layer(block, 128, layers[1], 2, attn_layer)
+        self.layer3 = self._make_layer(block, 256, layers[2], 2, attn_layer)
+        self.layer4 = self._make_layer(block, 512, layers[3], 2, attn_layer)
         self.avgpool = GlobalAvgPool2d()
-        self.fc = nn.Linear(inplanes, num_classes)
+        self.fc = nn.Linear(self.inplanes, num_classes)
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -207,7 +205,68 @@ class SEResNet(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    def _make_layer(
+        self, block: Block, planes: int, blocks: int, stride: int = 1, attn_layer: AttnLayer | None = None
+    ) -> nn.Sequential:
+        """One stage: ``blocks`` residual blocks of width ``planes``; the first one changes the stride/width."""
+        layers = []
+        for b in range(blocks):
+            layers.append(block(self.inplanes, planes, stride if b == 0 else 1, attn_layer))
+            self.inplanes = planes * block.expansion
+        return nn.Sequential(*layers)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+# Builders, named as torchvision and timm name the variants (e.g. timm's ``seresnet18``).
+def se_resnet18(**kwargs: Any) -> SEResNet:
+    """SE-ResNet-18; keyword arguments as ``SEResNet`` (stem, in_channels, num_classes, reduction)."""
+    return SEResNet(depth=18, se=True, **kwargs)
+
+
+def se_resnet34(**kwargs: Any) -> SEResNet:
+    """SE-ResNet-34."""
+    return SEResNet(depth=34, se=True, **kwargs)
+
+
+def se_resnet50(**kwargs: Any) -> SEResNet:
+    """SE-ResNet-50 (Bottleneck blocks)."""
+    return SEResNet(depth=50, se=True, **kwargs)
+
+
+def se_resnet101(**kwargs: Any) -> SEResNet:
+    """SE-ResNet-101."""
+    return SEResNet(depth=101, se=True, **kwargs)
+
+
+def se_resnet152(**kwargs: Any) -> SEResNet:
+    """SE-ResNet-152."""
+    return SEResNet(depth=152, se=True, **kwargs)
+
+
+def resnet18(**kwargs: Any) -> SEResNet:
+    """The plain ResNet-18 of the same structure (no SE blocks)."""
+    return SEResNet(depth=18, se=False, **kwargs)
+
+
+def resnet34(**kwargs: Any) -> SEResNet:
+    """Plain ResNet-34."""
+    return SEResNet(depth=34, se=False, **kwargs)
+
+
+def resnet50(**kwargs: Any) -> SEResNet:
+    """Plain ResNet-50."""
+    return SEResNet(depth=50, se=False, **kwargs)
+
+
+def resnet101(**kwargs: Any) -> SEResNet:
+    """Plain ResNet-101."""
+    return SEResNet(depth=101, se=False, **kwargs)
+
+
+def resnet152(**kwargs: Any) -> SEResNet:
+    """Plain ResNet-152."""
+    return SEResNet(depth=152, se=False, **kwargs)

@@ -1,4 +1,4 @@
-"""Synthetic MNIST-format data: tiny IDX files built per test, so the suite never needs the network."""
+"""Synthetic MNIST-format data and image folders, built per test, so the suite never needs the network."""
 
 import gzip
 import struct
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image, ImageDraw
 
 N_TRAIN, N_TEST = 96, 40
 
@@ -76,6 +77,17 @@ TINY = [
 FULL_EPOCHS = [a for a in TINY if not a.startswith("--trainer.limit_train_batches")]
 
 
+# Tests that use these fixtures, or live in these modules, train models or run the CLI: marked slow.
+SLOW_FIXTURES = {"trained", "one_epoch", "run_copy", "uninterrupted", "uninterrupted_short"}
+SLOW_MODULES = {"test_checkpoints", "test_ddp", "test_bench", "test_study", "test_cli", "test_resume"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__ in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test runs in its own empty folder (in-process CLI calls write lightning_logs/ there),
@@ -87,3 +99,32 @@ def in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def run(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     """``python -m senet_pl ARGS`` in CWD, as a user would run it."""
     return subprocess.run([sys.executable, "-m", "senet_pl", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+# -- image files, for predict_dir ------------------------------------------------------------------
+
+
+def stroke(size: tuple[int, int], dark_on_light: bool = True, box: tuple[float, float, float, float] = (0.4, 0.2, 0.6, 0.8)):
+    """A grayscale image with one filled rectangle (a '1'), at BOX given as fractions of the size."""
+    ink, paper = (0, 255) if dark_on_light else (255, 0)
+    image = Image.new("L", size, paper)
+    w, h = size
+    ImageDraw.Draw(image).rectangle([box[0] * w, box[1] * h, box[2] * w, box[3] * h], fill=ink)
+    return image
+
+
+def mixed_folder(folder: Path) -> list[str]:
+    """Good images of several sizes and modes, a truncated PNG and a text file; returns the good names."""
+    folder.mkdir()
+    stroke((300, 200)).convert("RGB").save(folder / "a_rgb.png")
+    stroke((64, 64)).save(folder / "b_gray.jpg", quality=95)
+    stroke((28, 28), dark_on_light=False).save(folder / "c_light_on_dark.bmp")
+    rgba = Image.new("RGBA", (100, 100), (0, 0, 0, 0))  # black ink on a transparent background
+    ImageDraw.Draw(rgba).rectangle([40, 20, 60, 80], fill=(0, 0, 0, 255))
+    rgba.save(folder / "d_rgba.png")
+    Image.fromarray(np.asarray(stroke((50, 50)), dtype=np.uint16) * 257).save(folder / "e_16bit.png")
+    data = (folder / "a_rgb.png").read_bytes()
+    (folder / "f_truncated.png").write_bytes(data[: len(data) // 2])
+    (folder / "notes.txt").write_text("not an image\n")
+    (folder / "subfolder").mkdir()
+    return ["a_rgb.png", "b_gray.jpg", "c_light_on_dark.bmp", "d_rgba.png", "e_16bit.png"]

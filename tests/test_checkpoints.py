@@ -155,6 +155,8 @@ def uninterrupted_short(tmp_path_factory: pytest.TempPathFactory) -> Path:
         mp.chdir(cwd)
         fit(*SHORT)
     return cwd / CHECKPOINTS / "last.ckpt"
+
+
 PROBE_PATH = str(Path(__file__).parent)  # tests/signal_probe.py, for the CLI's --trainer.callbacks
 
 

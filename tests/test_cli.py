@@ -3,14 +3,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import N_TEST, REPO, TINY, make_dataset, run
-from test_images import mixed_folder
+from conftest import N_TEST, REPO, TINY, make_dataset, mixed_folder, run
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
-from torchvision.datasets import KMNIST
 
-from senet_pl import cli
-from senet_pl.cli import main, resolve_precision
+from senet_pl import precision
+from senet_pl.cli import main
+from senet_pl.precision import resolve_precision
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 RECIPES = [c for c in CONFIGS if c.name != "no_se.yaml"]  # no_se.yaml is an override
@@ -317,9 +316,9 @@ def test_bf16_falls_back_to_what_the_hardware_has(monkeypatch: pytest.MonkeyPatc
     assert resolve_precision("bf16-mixed", "auto") == "16-mixed"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     assert resolve_precision("bf16-mixed", "gpu") == "bf16-mixed"
-    monkeypatch.setattr(cli, "_cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
     assert resolve_precision("bf16-mixed", "cpu") == "32-true"
-    monkeypatch.setattr(cli, "_cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
     assert resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"
 
 

@@ -9,15 +9,10 @@ import pytest
 import torch
 from conftest import N_TEST, N_TRAIN, make_dataset, synthetic_split, write_idx
 
-from senet_pl.data import (
-    DATASETS,
-    DataError,
-    EpochBatchSampler,
-    MNISTDataModule,
-    data_device,
-    random_translate,
-    resize_bilinear,
-)
+from senet_pl.data import DATASETS, DataError, MNISTDataModule
+from senet_pl.data.memory import data_device
+from senet_pl.data.sampler import EpochBatchSampler
+from senet_pl.data.transforms import random_translate, resize_bilinear
 
 
 def _module(root: Path, **kwargs) -> MNISTDataModule:
@@ -175,7 +170,7 @@ def test_setup_keeps_every_split_where_data_device_says(
         calls.append((device, nbytes, num_workers))
         return torch.device("meta")
 
-    monkeypatch.setattr("senet_pl.data.data_device", fake_data_device)
+    monkeypatch.setattr("senet_pl.data.datamodule.data_device", fake_data_device)
     gpu = torch.device("cuda", 0)
     dm = _module(data_root, on_device=on_device)
     dm.trainer = SimpleNamespace(
@@ -247,7 +242,7 @@ def test_read_only_gz_folder_says_what_to_do(tmp_path: Path, monkeypatch: pytest
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr("senet_pl.data.tempfile.mkstemp", read_only)  # the tests run as root: chmod would not stop them
+    monkeypatch.setattr("senet_pl.data.idx.tempfile.mkstemp", read_only)  # the tests run as root: chmod would not stop them
     with pytest.raises(DataError, match=r"cannot decompress .*\(Permission denied\): copy the .gz files into "
                                         r"<folder>/MNIST/raw/ of a writable folder and pass it as --data.data_dir"):
         _module(tmp_path).prepare_data()

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from senet_pl.data import MNISTDataModule
-from senet_pl.excitation import ExcitationAnalysis, describe, paper_name, se_blocks, spread
+from senet_pl.callbacks.excitation import ExcitationAnalysis
+from senet_pl.gates import describe, paper_name, se_blocks, spread
 from senet_pl.model import SEResNet
 from senet_pl.module import SEResNetClassifier
 

@@ -7,8 +7,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
 from senet_pl.data import MNISTDataModule
-from senet_pl.figures import TensorBoardFigures, confusion_matrix_figure, excitation_figure, misclassified_figure
+from senet_pl.callbacks.figures import TensorBoardFigures
 from senet_pl.module import SEResNetClassifier
+from senet_pl.plots import confusion_matrix_figure, excitation_figure, misclassified_figure
 
 
 def test_confusion_matrix_figure_has_a_cell_per_class_pair() -> None:

@@ -6,35 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
+
+from conftest import mixed_folder, stroke
 
 from senet_pl.images import MAX_PIXELS, MAX_SIDE, read_folder, to_training_style
-
-
-def stroke(size: tuple[int, int], dark_on_light: bool = True, box: tuple[float, float, float, float] = (0.4, 0.2, 0.6, 0.8)):
-    """A grayscale image with one filled rectangle (a '1'), at BOX given as fractions of the size."""
-    ink, paper = (0, 255) if dark_on_light else (255, 0)
-    image = Image.new("L", size, paper)
-    w, h = size
-    ImageDraw.Draw(image).rectangle([box[0] * w, box[1] * h, box[2] * w, box[3] * h], fill=ink)
-    return image
-
-
-def mixed_folder(folder: Path) -> list[str]:
-    """Good images of several sizes and modes, a truncated PNG and a text file; returns the good names."""
-    folder.mkdir()
-    stroke((300, 200)).convert("RGB").save(folder / "a_rgb.png")
-    stroke((64, 64)).save(folder / "b_gray.jpg", quality=95)
-    stroke((28, 28), dark_on_light=False).save(folder / "c_light_on_dark.bmp")
-    rgba = Image.new("RGBA", (100, 100), (0, 0, 0, 0))  # black ink on a transparent background
-    ImageDraw.Draw(rgba).rectangle([40, 20, 60, 80], fill=(0, 0, 0, 255))
-    rgba.save(folder / "d_rgba.png")
-    Image.fromarray(np.asarray(stroke((50, 50)), dtype=np.uint16) * 257).save(folder / "e_16bit.png")
-    data = (folder / "a_rgb.png").read_bytes()
-    (folder / "f_truncated.png").write_bytes(data[: len(data) // 2])
-    (folder / "notes.txt").write_text("not an image\n")
-    (folder / "subfolder").mkdir()
-    return ["a_rgb.png", "b_gray.jpg", "c_light_on_dark.bmp", "d_rgba.png", "e_16bit.png"]
 
 
 def test_read_folder_converts_good_files_and_lists_the_rest(tmp_path: Path) -> None:

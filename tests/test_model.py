@@ -127,3 +127,16 @@ def test_bad_arguments_are_refused() -> None:
         SEResNet(depth=20)
     with pytest.raises(ValueError, match="stem"):
         SEResNet(stem="tiny")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("depth", sorted(LAYERS))
+def test_builders_name_the_variants(depth: int) -> None:
+    import senet_pl.model as models
+
+    se, plain = getattr(models, f"se_resnet{depth}")(num_classes=7), getattr(models, f"resnet{depth}")(num_classes=7)
+    reference = SEResNet(depth=depth, num_classes=7)
+    assert [tuple(p.shape) for p in se.parameters()] == [tuple(p.shape) for p in reference.parameters()]
+    assert any(isinstance(m, SEBlock) for m in se.modules()) and not any(isinstance(m, SEBlock) for m in plain.modules())
+    block, blocks = LAYERS[depth]
+    assert [len(getattr(se, f"layer{i}")) for i in range(1, 5)] == list(blocks)  # _make_layer: one stage each
+    assert se.fc.in_features == 512 * block.expansion

@@ -7,7 +7,7 @@ from pathlib import Path
 from conftest import make_dataset
 
 from senet_pl.model import SEResNet
-from senet_pl.study import forward_flops
+from senet_pl.tools.study import forward_flops
 
 
 def test_flops_count_exactly_what_se_and_the_classifier_add() -> None:
@@ -23,7 +23,7 @@ def test_study_runs_every_model_and_seed_and_writes_the_table(tmp_path: Path) ->
     make_dataset(tmp_path / "data")
     args = ["--data_dir=data", "--seeds=2", "--reductions=[4]", "--train_batches=2", "--val_size=16",
             "--out=table.md", "--args=[--data.batch_size=8,--trainer.limit_val_batches=1,--trainer.limit_test_batches=2]"]
-    result = subprocess.run([sys.executable, "-m", "senet_pl.study", *args], cwd=tmp_path,
+    result = subprocess.run([sys.executable, "-m", "senet_pl.tools.study", *args], cwd=tmp_path,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     table = (tmp_path / "table.md").read_text()

@@ -1,4 +1,4 @@
-"""Does SE help, and at what cost? ``python -m senet_pl.study --data_dir DIR [--dataset ...]``.
+"""Does SE help, and at what cost? ``python -m senet_pl.tools.study --data_dir DIR [--dataset ...]``.
 
 Trains the plain ResNet and SE-ResNets with reduction ratios r (the paper's Table 7 varies it)
 for several seeds with one recipe, tests each run's final weights on the official test split,
@@ -15,45 +15,15 @@ import sys
 import time
 from pathlib import Path
 
-import lightning.pytorch as L
 import torch
 from jsonargparse.typing import PositiveInt
 from torch.utils.flop_counter import FlopCounterMode
 
 from senet_pl.data import DatasetName
+from senet_pl.tools import run_as_cli
+from senet_pl.tools.clock import TrainingClock
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-class TrainingClock(L.Callback):
-    """Training images per second, from the end of the ``warmup``-th step to the end of the last one.
-
-    Validation is left out: the clock is paused from the end of each training epoch to the first
-    step of the next.
-    """
-
-    def __init__(self, warmup: int = 3) -> None:
-        self.warmup, self.images, self.seconds, self._last = warmup, 0, 0.0, None
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        # short runs (tests) keep at least one timed step
-        self.warmup = min(self.warmup, max(int(trainer.estimated_stepping_batches) - 1, 0))
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._last = time.perf_counter() if trainer.global_step >= self.warmup else None
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        if self._last is not None:
-            self.images += len(batch[1])
-            self.seconds += now - self._last
-        self._last = now if trainer.global_step >= self.warmup else None
-
-    @property
-    def images_per_s(self) -> float:
-        return self.images / self.seconds if self.seconds else float("nan")
+REPO = Path(__file__).resolve().parents[2]
 
 
 def forward_flops(model: torch.nn.Module, in_channels: int, image_size: int) -> int:
@@ -158,7 +128,7 @@ def _table(results: dict[str, list[dict]], dataset: str, seeds: int, epochs: int
         f"**{dataset}**: {epochs} epoch(s), {seeds} seed(s) per model"
         + (f", {train_batches} training batches per epoch" if train_batches else "")
         + f"; {minutes:.0f} min on {device}, torch {torch.__version__}.",
-        f"Command: `python -m senet_pl.study {' '.join(argv)}`",
+        f"Command: `python -m senet_pl.tools.study {' '.join(argv)}`",
         "",
         "| model | parameters | forward GFLOPs/image | test accuracy (%) | per seed (%) | training images/s |",
         "|---|---:|---:|---:|---|---:|",
@@ -185,11 +155,5 @@ def _cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
-def main() -> None:
-    from jsonargparse import auto_cli
-
-    auto_cli(study, args=sys.argv[1:])
-
-
 if __name__ == "__main__":
-    main()
+    run_as_cli(study)

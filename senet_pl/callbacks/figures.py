@@ -1,70 +1,20 @@
-"""Figures for TensorBoard and files: confusion matrix, misclassified images, SE gates, excitation.
+"""TensorBoard figures, on by default in the CLI (``--trainer.callbacks``).
 
-``TensorBoardFigures`` is on by default in the CLI (``--trainer.callbacks``); at the end of every
-validation (not the sanity check) and of ``test`` it logs a confusion-matrix figure, a grid of
-misclassified images with true and predicted labels and, per ResNet stage, a histogram of the SE
-gate values. At the end of ``fit`` and ``test`` it writes the hyperparameters with the final
-metrics to TensorBoard's HParams view. Figures use matplotlib's object API (no pyplot state).
+At the end of every validation (not the sanity check) and of ``test``, ``TensorBoardFigures`` logs
+a confusion-matrix figure, a grid of misclassified images with true and predicted labels and, per
+ResNet stage, a histogram of the SE gate values. At the end of ``fit`` and ``test`` it writes the
+hyperparameters with the final metrics to TensorBoard's HParams view. (The drawing: ``plots.py``.)
 """
-
-import math
 
 import lightning.pytorch as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from matplotlib.figure import Figure
 from torch.utils.tensorboard.summary import hparams
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from senet_pl.excitation import paper_name, recording_gates, se_blocks, spread
-
-
-def confusion_matrix_figure(matrix: torch.Tensor, class_names: list[str] | None = None) -> Figure:
-    """A (classes, classes) confusion matrix drawn by torchmetrics: rows true class, columns predicted."""
-    n = len(matrix)
-    figure = Figure(figsize=(1 + 0.6 * n, 1 + 0.6 * n), layout="constrained")
-    ax = figure.add_subplot()
-    MulticlassConfusionMatrix(n).plot(val=matrix.cpu(), ax=ax, labels=class_names)
-    ax.set_title(f"confusion matrix ({int(matrix.sum())} images)")
-    return figure
-
-
-def misclassified_figure(images: torch.Tensor, true: list[str], predicted: list[str]) -> Figure:
-    """A grid of images (N, 1, H, W) titled 'true -> predicted'; pixel values are rescaled per image."""
-    n = max(len(images), 1)
-    cols = min(n, 8)
-    rows = math.ceil(n / cols)
-    figure = Figure(figsize=(1.5 * cols, 1.7 * rows), layout="constrained")
-    for i in range(n):
-        ax = figure.add_subplot(rows, cols, i + 1)
-        ax.set_axis_off()
-        if i < len(images):
-            ax.imshow(images[i, 0].float().cpu().numpy(), cmap="gray")
-            ax.set_title(f"{true[i]} -> {predicted[i]}", fontsize=8)
-    if not len(images):
-        figure.suptitle("no misclassified images")
-    return figure
-
-
-def excitation_figure(means: dict[str, torch.Tensor], class_names: list[str]) -> Figure:
-    """The paper's Fig. 6: a panel per SE block, a line per class (and the mean over all images, dashed)."""
-    cols = min(len(means), 2)
-    rows = math.ceil(len(means) / cols)
-    figure = Figure(figsize=(6.5 * cols, 3.2 * rows), layout="constrained")
-    colours = [f"C{k % 10}" for k in range(len(class_names))]
-    for i, (name, m) in enumerate(means.items()):
-        ax = figure.add_subplot(rows, cols, i + 1)
-        channels = torch.arange(m.shape[1]).numpy()
-        for k, label in enumerate(class_names):
-            ax.plot(channels, m[k].numpy(), color=colours[k], linewidth=0.8, label=label)
-        ax.plot(channels, m[-1].numpy(), "k--", linewidth=0.8, label="all")
-        ax.set_title(f"{paper_name(name)} ({name}): spread {spread(m):.3f}", fontsize=10)
-        ax.set_xlabel("channel index")
-        ax.set_ylabel("activation")
-        ax.set_ylim(0, 1.02)
-        ax.set_xlim(0, m.shape[1] - 1)
-    figure.legend(*ax.get_legend_handles_labels(), loc="outside right", fontsize=8)
-    return figure
+from senet_pl.compat import file_writer
+from senet_pl.gates import recording_gates, se_blocks
+from senet_pl.plots import confusion_matrix_figure, misclassified_figure
 
 
 class TensorBoardFigures(L.Callback):
@@ -130,8 +80,7 @@ class TensorBoardFigures(L.Callback):
         if not trainer.is_global_zero:
             return
         writer, step = trainer.logger.experiment, trainer.global_step
-        names = getattr(getattr(trainer.datamodule, "dataset_cls", None), "classes", None)
-        names = [n.split(" - ")[0] for n in names] if names else None  # MNIST's "7 - seven" -> "7"
+        names = getattr(trainer.datamodule, "short_class_names", None)  # another data module may have none
         writer.add_figure(f"{stage}/confusion_matrix", confusion_matrix_figure(matrix, names), step)
         label = (lambda k: names[k]) if names else str
         if self.wrong:
@@ -196,7 +145,7 @@ class TensorBoardFigures(L.Callback):
         metrics = {k: 0.0 for k in trainer.callback_metrics if k.split("/")[0] in ("train", "val", "test")}
         if not metrics:
             return
-        writer = trainer.logger.experiment._get_file_writer()
+        writer = file_writer(trainer.logger.experiment)
         for summary in hparams(params, metrics):
             writer.add_summary(summary)
         writer.flush()

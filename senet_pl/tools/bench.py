@@ -1,4 +1,4 @@
-"""Benchmarks, side by side on whatever device is present: ``python -m senet_pl.bench --data_dir DIR``.
+"""Benchmarks, side by side on whatever device is present: ``python -m senet_pl.tools.bench --data_dir DIR``.
 
 1. data path: images/s delivered by the tutorial-style pipeline (per-sample PIL ``Resize``,
    ``ToTensor``, ``Normalize`` in a DataLoader, batch 32) and by this project's (uint8 tensors in
@@ -27,8 +27,8 @@ from types import SimpleNamespace
 import torch
 from jsonargparse.typing import PositiveInt
 
-# configs/mnist.yaml's optimizer, which the fit and plain-loop cases train with.
-RECIPE_SGD = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, fused=True)
+from senet_pl.precision import input_dtype, resolve_precision
+from senet_pl.tools import run_as_cli
 
 
 def _device() -> torch.device:
@@ -40,23 +40,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _datamodule(args: SimpleNamespace, size: int, batch: int, trainer: bool = True):
-    """The training data as ``fit`` sets it up; with ``trainer``, batches are transformed as in training
-    (a stand-in for the Trainer: one process, the recipe's precision, the model on this device)."""
+def _datamodule(args: SimpleNamespace, size: int, batch: int, place: bool = True):
+    """The training data as ``fit`` sets it up for one process; with ``place``, kept where fit keeps it
+    for a model on this device (GPU memory on a CUDA GPU)."""
     from senet_pl.data import MNISTDataModule
 
     dm = MNISTDataModule(
         data_dir=args.data_dir, image_size=size, batch_size=batch, val_size=args.val_size, download=False
     )
-    device = _device()
-    if trainer:
-        dm.trainer = SimpleNamespace(
-            training=True, world_size=1, global_rank=0, precision=_precision(device),
-            strategy=SimpleNamespace(root_device=device),
-        )
     dm.prepare_data()
     dm.setup("fit")
+    if place:
+        dm.place_datasets(_device())
     return dm
+
+
+def _transformed(dm, b: list, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training batch as fit delivers it to the model: on the device, transformed, in the recipe's dtype."""
+    dtype = input_dtype(_precision(device))
+    return dm.transform_batch(b[0].to(device), training=True, dtype=dtype, seed=b[2]), b[1].to(device)
 
 
 def _tutorial_loader(args: SimpleNamespace, size: int, batch: int):
@@ -95,15 +97,14 @@ def case_data(args: SimpleNamespace, kind: str, size: int, batch: int) -> float:
         loader = _tutorial_loader(args, size, batch)
 
         def step(b):
-            x, y = b[0].to(device), b[1].to(device)
-            return len(y)
+            b[0].to(device)
+            return len(b[1].to(device))
     else:
         dm = _datamodule(args, size, batch)
         loader = dm.train_dataloader()
 
         def step(b):
-            x, y = dm.on_after_batch_transfer([b[0].to(device), b[1].to(device), b[2]], 0)
-            return len(y)
+            return len(_transformed(dm, b, device)[1])
 
     return _timed(_endless(loader), args.data_steps, 2, step, device)
 
@@ -138,16 +139,19 @@ def case_train(args: SimpleNamespace, kind: str, size: int, batch: int) -> float
     # "plain": exactly the work of this project's fit, in a plain loop
     from torchmetrics.classification import MulticlassAccuracy
 
+    from senet_pl.module import default_optimizer
+
     dm = _datamodule(args, size, batch)
     model = _model(channels_last=True)
-    optimizer = torch.optim.SGD(model.parameters(), **RECIPE_SGD)
+    optimizer = default_optimizer(model.parameters())
     accuracy = MulticlassAccuracy(10, average="micro").to(device)
-    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(_precision(device))  # None: fp32
+    dtype = input_dtype(_precision(device))
+    mixed = dtype != torch.float32
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     def step(b):
-        x, y = dm.on_after_batch_transfer([b[0].to(device), b[1].to(device), b[2]], 0)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        x, y = _transformed(dm, b, device)
+        with torch.autocast(device.type, dtype=dtype, enabled=mixed):
             logits = model(x.contiguous(memory_format=torch.channels_last))
             loss = torch.nn.functional.cross_entropy(logits, y)
         accuracy(logits, y)
@@ -162,8 +166,6 @@ def case_train(args: SimpleNamespace, kind: str, size: int, batch: int) -> float
 
 def _precision(device: torch.device) -> str:
     """What the default recipe's ``bf16-mixed`` becomes on this hardware."""
-    from senet_pl.cli import resolve_precision
-
     return resolve_precision("bf16-mixed", "gpu" if device.type == "cuda" else "cpu")
 
 
@@ -173,29 +175,11 @@ def _fit(args: SimpleNamespace, size: int, batch: int, steps: int, warmup: int, 
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from senet_pl.module import SEResNetClassifier
+    from senet_pl.tools.clock import TrainingClock
 
-    class Clock(L.Callback):
-        def __init__(self) -> None:
-            self.start = self.end = 0.0
-
-        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-            if trainer.global_step == warmup:
-                _sync(module.device)
-                self.start = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-            if trainer.global_step == warmup + steps:
-                _sync(module.device)
-                self.end = time.perf_counter()
-
-    dm = _datamodule(args, size, batch, trainer=False)  # the Trainer sets it up again, on its device
-    model = SEResNetClassifier(
-        depth=18,
-        stem="cifar",
-        compile=compile,
-        optimizer=lambda p: torch.optim.SGD(p, **RECIPE_SGD),
-    )
-    clock = Clock()
+    dm = _datamodule(args, size, batch, place=False)  # the Trainer places it, on its device
+    model = SEResNetClassifier(depth=18, stem="cifar", compile=compile)  # the recipes' optimizer is its default
+    clock = TrainingClock(warmup)
     device = _device()
     with tempfile.TemporaryDirectory() as logs:
         trainer = L.Trainer(
@@ -208,13 +192,13 @@ def _fit(args: SimpleNamespace, size: int, batch: int, steps: int, warmup: int, 
             callbacks=[clock],
         )
         trainer.fit(model, datamodule=dm)
-    return steps * batch / (clock.end - clock.start)
+    return clock.images_per_s
 
 
 def _run_case(name: str, argv: list[str]) -> dict:
     """One case in a fresh process; returns its images/s and peak memory."""
     result = subprocess.run(
-        [sys.executable, "-m", "senet_pl.bench", "--case", name, *argv], capture_output=True, text=True
+        [sys.executable, "-m", "senet_pl.tools.bench", "--case", name, *argv], capture_output=True, text=True
     )
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     if result.returncode or not lines:
@@ -318,11 +302,5 @@ def bench(
               f"| {min(ratios):.2f}-{max(ratios):.2f}x | {memory(peak(lefts))} | {memory(peak(rights))} |")
 
 
-def main() -> None:
-    from jsonargparse import auto_cli
-
-    auto_cli(bench, args=sys.argv[1:])
-
-
 if __name__ == "__main__":
-    main()
+    run_as_cli(bench)

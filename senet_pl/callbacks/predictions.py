@@ -1,0 +1,52 @@
+"""``predictions.csv`` (and ``skipped.csv``) in the run folder, written by ``predict``."""
+
+import csv
+
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from senet_pl.callbacks.output import run_folder
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes ``predictions.csv`` to the run folder: per image its predicted class, probability and top 3.
+
+    Images are named by their index in the test split, or by file name with ``--data.predict_dir``
+    (files that could not be read are listed in ``skipped.csv``).
+    """
+
+    def __init__(self, top: int = 3) -> None:
+        super().__init__(write_interval="epoch")
+        self.top = top
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        # Lightning's training and evaluation loops stop at a batch boundary after SIGTERM; its predict loop does not.
+        if trainer.received_sigterm:
+            raise SIGTERMException
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        probs = torch.cat(predictions)
+        dm = trainer.datamodule
+        # The data module's loader yields whole batches, so Lightning cannot see the sample indices;
+        # the data module lists them, for this process, in the order the predictions were made.
+        indices = dm.predict_indices() if hasattr(dm, "predict_indices") else list(range(len(probs)))
+        files = getattr(dm, "predict_files", None)
+        classes = getattr(dm, "class_names", None)
+        top_p, top_k = probs.topk(min(self.top, probs.shape[1]), dim=1)
+        suffix = f"_rank{trainer.global_rank}" if trainer.world_size > 1 else ""
+        folder = run_folder(trainer)
+        path = folder / f"predictions{suffix}.csv"
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["file" if files else "index", "prediction", "class", "confidence", f"top{self.top}"])
+            for i, ks, ps in zip(indices, top_k.tolist(), top_p.tolist()):
+                name = classes[ks[0]] if classes else ks[0]
+                top = " ".join(f"{k}:{p:.4f}" for k, p in zip(ks, ps))
+                writer.writerow([files[i] if files else i, ks[0], name, f"{ps[0]:.6f}", top])
+        print(f"predictions for {len(probs)} images written to {path}")
+        skipped = getattr(dm, "predict_skipped", None) if files else None
+        if skipped and trainer.is_global_zero:
+            with open(folder / "skipped.csv", "w", newline="") as f:
+                csv.writer(f).writerows([("file", "reason"), *skipped])
+            print(f"{len(skipped)} unreadable files listed in {folder / 'skipped.csv'}")

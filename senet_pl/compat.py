@@ -1,0 +1,45 @@
+"""Every private Lightning name this project uses, in one place: a Lightning upgrade breaks here, visibly.
+
+``tests/test_compat.py`` has a test per name.
+"""
+
+from typing import Any
+
+import lightning.pytorch as L
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.cli import LightningCLI
+
+PATH = _PATH  # str | os.PathLike, Lightning's type for file arguments
+
+
+def batches_done(trainer: L.Trainer) -> int:
+    """Training batches processed so far in the current epoch (the fit loop's progress)."""
+    return trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+
+def at_last_batch(trainer: L.Trainer) -> bool:
+    """Whether the fit loop is at the last training batch of its epoch."""
+    return trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+
+
+def file_writer(experiment: Any) -> Any:
+    """The low-level event-file writer of a TensorBoard SummaryWriter (for raw summaries such as HParams)."""
+    return experiment._get_file_writer()
+
+
+class LightningCLIHooks(LightningCLI):
+    """LightningCLI with public names for the two private steps of its ``__init__`` that this project
+    replaces or wraps: ``reconcile_checkpoint`` (Lightning: ``_parse_ckpt_path``, which merges a
+    checkpoint's hyperparameters into the config) and ``run_subcommand`` (``_run_subcommand``)."""
+
+    def _parse_ckpt_path(self) -> None:
+        self.reconcile_checkpoint()
+
+    def reconcile_checkpoint(self) -> None:
+        LightningCLI._parse_ckpt_path(self)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        self.run_subcommand(subcommand)
+
+    def run_subcommand(self, subcommand: str) -> None:
+        LightningCLI._run_subcommand(self, subcommand)

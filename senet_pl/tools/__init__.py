@@ -1,0 +1,13 @@
+"""Tools that stand apart from the package's core: ``python -m senet_pl.tools.bench`` (benchmarks) and
+``python -m senet_pl.tools.study`` (ResNet vs SE-ResNet over seeds)."""
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+
+def run_as_cli(function: Callable[..., Any]) -> None:
+    """Run ``function`` as a command line: its typed, documented arguments become the options (jsonargparse)."""
+    from jsonargparse import auto_cli
+
+    auto_cli(function, args=sys.argv[1:])

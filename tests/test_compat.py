@@ -1,0 +1,57 @@
+"""One test per private Lightning name in senet_pl/compat.py: a Lightning upgrade that changes one fails here."""
+
+import inspect
+
+import lightning.pytorch as L
+import torch
+from lightning.pytorch.cli import LightningCLI
+from torch.utils.tensorboard import SummaryWriter
+
+from senet_pl import compat
+
+
+class Record(L.Callback):
+    def __init__(self) -> None:
+        self.done, self.last = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.done.append(compat.batches_done(trainer))
+        self.last.append(compat.at_last_batch(trainer))
+
+
+class Tiny(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_fit_loop_progress_counts_batches_of_the_epoch(tmp_path) -> None:
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(6, 2)), batch_size=2)
+    record = Record()
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[record], default_root_dir=tmp_path)
+    trainer.fit(Tiny(), data)
+    assert record.done == [1, 2, 3, 1, 2, 3]  # processed before on_train_batch_end, reset every epoch
+    assert record.last == [False, False, True] * 2
+
+
+def test_file_writer_of_a_summary_writer(tmp_path) -> None:
+    writer = SummaryWriter(str(tmp_path))
+    assert hasattr(compat.file_writer(writer), "add_summary")
+    writer.close()
+
+
+def test_path_type() -> None:
+    assert str in getattr(compat.PATH, "__args__", ())
+
+
+def test_lightning_cli_still_calls_the_steps_this_project_replaces() -> None:
+    init = inspect.getsource(LightningCLI.__init__)
+    assert "self._parse_ckpt_path()" in init and "self._run_subcommand(self.subcommand)" in init
+    assert set(inspect.signature(LightningCLI._run_subcommand).parameters) == {"self", "subcommand"}
