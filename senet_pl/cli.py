@@ -35,7 +35,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from senet_pl.callbacks.excitation import ExcitationAnalysis
 from senet_pl.callbacks.figures import TensorBoardFigures
-from senet_pl.callbacks.last import GracefulStop, LatestCheckpoint
+from senet_pl.callbacks.last import EarlySignals, GracefulStop, Interrupted, LatestCheckpoint
 from senet_pl.callbacks.predictions import PredictionWriter
 from senet_pl.checkpoints import AtomicCheckpointIO, CheckpointError, as_lightning_checkpoint, load_checkpoint
 from senet_pl.compat import LightningCLIHooks
@@ -93,6 +93,7 @@ class SENetCLI(LightningCLIHooks):
         kwargs.setdefault("parser_class", ShortErrorParser)
         self.graceful_stop = graceful_stop or GracefulStop()
         self.ckpt_info: CheckpointInfo | None = None  # the checked --ckpt_path, once resolved
+        self.conflicts: list[str] = []  # between it and the command line
         callbacks = [LearningRateMonitor(), PredictionWriter(), TensorBoardFigures(), self.graceful_stop]
         kwargs.setdefault("trainer_defaults", {"callbacks": callbacks})
         kwargs.setdefault("trainer_class", Trainer)
@@ -162,13 +163,15 @@ class SENetCLI(LightningCLIHooks):
             )
         path = runs[-1]
         if name == "best":  # the best-checkpoint callback's record, kept in every checkpoint
-            callbacks = load_checkpoint(path, mmap=True).get("callbacks", {})
+            last = load_checkpoint(path, mmap=True)
+            callbacks = last.get("callbacks", {}) if isinstance(last, dict) else {}
             callbacks = callbacks if isinstance(callbacks, dict) else {}
             best = [s.get("best_model_path") for s in callbacks.values() if isinstance(s, dict) and s.get("monitor")]
-            best = [b for b in best if isinstance(b, str) and b]
-            if not best or not Path(best[0]).is_file():
-                raise CLIError(f"--ckpt_path best: {path} records no best checkpoint that still exists.")
-            path = Path(best[0])
+            # only a file beside last.ckpt, in the same run's checkpoints folder
+            best = [Path(b) for b in best if isinstance(b, str) and b and Path(b).resolve().parent == path.resolve().parent]
+            if not best or not best[0].is_file():
+                raise CLIError(f"--ckpt_path best: {path} records no best checkpoint that still exists beside it.")
+            path = best[0]
         print(f"--ckpt_path {name} resolved to {path}", file=sys.stderr)
         return str(path)
 
@@ -193,13 +196,8 @@ class SENetCLI(LightningCLIHooks):
                 "which also hold the optimizer and the position in the run. test, validate, predict and analyze "
                 "accept it, with the architecture from the config."
             )
-        conflicts = reconcile(info, cfg, self.explicit.get(subcommand), subcommand, MNISTDataModule.data_shape)
-        if conflicts:
-            raise CLIError(
-                f"{cfg.ckpt_path} does not match the command line:\n  " + "\n  ".join(conflicts) + "\n"
-                "Leave these options out (the checkpoint's values are used) or give another checkpoint; "
-                "to train another model, start a new run without --ckpt_path."
-            )
+        # Reported once the model exists, together with the optimizer's and schedule's (before_fit).
+        self.conflicts = reconcile(info, cfg, self.explicit.get(subcommand), subcommand, MNISTDataModule.data_shape)
         self.ckpt_info = info
         # Resuming a run: log into its own version folder, so its TensorBoard curves continue.
         root = self._logger_root()
@@ -233,11 +231,22 @@ class SENetCLI(LightningCLIHooks):
         if self.trainer is not None and type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 
+    def _refuse_conflicts(self) -> None:
+        if self.conflicts:
+            config = Path(self.ckpt_info.path).parent.parent / "config.yaml"
+            own = f" (--config {config})" if config.is_file() else ""
+            raise CLIError(
+                f"{self.ckpt_info.path} does not match the command line:\n  " + "\n  ".join(self.conflicts) + "\n"
+                f"Leave these options out or use the run's own settings{own}; to train another model, start a new "
+                "run without --ckpt_path."
+            )
+
     def _check_weights(self) -> None:
         """The checkpoint's tensors fit the model the config builds (a plain state dict's architecture comes from it)."""
         info = self.ckpt_info
         if info is None:
             return
+        self._refuse_conflicts()
         weights = info.raw["state_dict"] if info.kind == "lightning" else as_lightning_checkpoint(info.raw)["state_dict"]
         if not isinstance(weights, dict):
             raise CheckpointError(f"refused {info.path}: its state_dict is not a dict of tensors.")
@@ -250,19 +259,17 @@ class SENetCLI(LightningCLIHooks):
             )
 
     def before_fit(self) -> None:
-        self._check_weights()
         info = self.ckpt_info
         if info is None:
             return
+        # Lightning restores the checkpoint's optimizer, schedule and position over the configured ones.
         configured = self.model.configure_optimizers()  # the same objects fit builds, on the model's parameters
         optimizers, schedulers = configured if isinstance(configured, tuple) else ([configured], [])
-        conflicts = training_conflicts(info, optimizers, [s["scheduler"] for s in schedulers], self.trainer.world_size)
-        if conflicts:
-            raise CLIError(
-                f"{info.path} cannot be resumed with this command line (Lightning would restore the checkpoint's "
-                "optimizer, schedule and position over it):\n  " + "\n  ".join(conflicts) + "\n"
-                "Use the run's own settings (its config.yaml) or start a new run."
-            )
+        given = self.explicit.get("fit")
+        defaults = {part: given is None or given.get(f"model.{part}") is None for part in ("optimizer", "lr_scheduler")}
+        self.conflicts += training_conflicts(info, optimizers, [s["scheduler"] for s in schedulers],
+                                             self.trainer.world_size, defaults)
+        self._check_weights()
 
     before_validate = before_test = before_predict = before_analyze = _check_weights
 
@@ -271,24 +278,28 @@ class SENetCLI(LightningCLIHooks):
         version_N is left behind), and turn SIGTERM/Ctrl-C into a message built from what was written."""
         root = self._logger_root()
         before = set(root.iterdir()) if root is not None and root.is_dir() else set()
-        start_step = self.ckpt_info.global_step if self.ckpt_info else 0
         try:
             super().run_subcommand(subcommand)
         except BaseException as err:
             removed = []
-            no_step = subcommand != "fit" or self.trainer.global_step == start_step  # only fit trains
+            start = self.graceful_stop.start_step  # None: training never started
+            no_step = subcommand != "fit" or start is None or self.trainer.global_step == start  # only fit trains
             if root is not None and root.is_dir() and no_step and self.trainer.is_global_zero:
                 for folder in sorted(set(root.iterdir()) - before):
                     if folder.is_dir() and not any(folder.rglob("*.ckpt")):
                         shutil.rmtree(folder, ignore_errors=True)
                         removed.append(folder)
-            if isinstance(err, SIGTERMException):
-                raise Stopped(self._stop_message(subcommand, removed), self.graceful_stop.signal or signal.SIGTERM) from None
+            if isinstance(err, (SIGTERMException, Interrupted)):
+                signum = self.graceful_stop.signal or getattr(err, "signum", signal.SIGTERM)
+                raise Stopped(self._stop_message(subcommand, removed, signum), signum) from None
             raise
 
-    def _stop_message(self, subcommand: str, removed: list[Path]) -> str:
-        name = "Ctrl-C" if self.graceful_stop.signal == signal.SIGINT else "SIGTERM"
+    def _stop_message(self, subcommand: str, removed: list[Path], signum: int) -> str:
+        name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
         step = self.trainer.global_step
+        if self.graceful_stop.start_step is None:  # in data loading or setup, before the loops ran
+            gone = f" (the new run folder {removed[0]} was removed)" if removed else ""
+            return f"{name}: {subcommand} stopped before it started; nothing was written{gone}."
         if subcommand != "fit":
             return f"{name}: {subcommand} stopped before the end; it wrote no results (and changes no model or checkpoint)."
         latest = [c for c in self.trainer.checkpoint_callbacks if isinstance(c, LatestCheckpoint)]
@@ -307,7 +318,8 @@ class SENetCLI(LightningCLIHooks):
 def main(args: list[str] | None = None) -> None:
     if sys.argv[0].endswith("__main__.py"):
         sys.argv[0] = "python -m senet_pl"  # so that messages name the command that was typed
-    sigint = signal.getsignal(signal.SIGINT)
+    # Until a Trainer handles them, SIGINT and SIGTERM stop at once with a message, not a traceback or a silent kill.
+    previous = EarlySignals().install()
     try:
         SENetCLI(args=args)
     except (CLIError, DataError, CheckpointError, NonFiniteLossError) as err:
@@ -315,6 +327,11 @@ def main(args: list[str] | None = None) -> None:
     except Stopped as stop:
         print(stop, file=sys.stderr)
         sys.exit(128 + stop.signum)
+    except Interrupted as stop:  # while parsing or building the objects: nothing was started
+        print(f"{'Ctrl-C' if stop.signum == signal.SIGINT else 'SIGTERM'}: stopped before any work; nothing was written.",
+              file=sys.stderr)
+        sys.exit(128 + stop.signum)
     finally:
         # After an interrupted run Lightning's teardown puts back the handlers of when it started, GracefulStop's too.
-        signal.signal(signal.SIGINT, sigint)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -142,11 +142,55 @@ def read_checkpoint(path: str, model_cls: type, data_cls: type) -> CheckpointInf
             f"{path} is not a checkpoint of this project: it holds {held}. Expected a .ckpt written by "
             "`python -m senet_pl fit`, or (for test, validate, predict and analyze) a plain SEResNet state dict."
         )
+    check_structure(path, ckpt)
     model = check_hyperparameters(path, ckpt.get("hyper_parameters"), model_cls, "hyper_parameters",
                                   exclude=("optimizer", "lr_scheduler"))
     data = check_hyperparameters(path, ckpt.get("datamodule_hyper_parameters"), data_cls, "datamodule_hyper_parameters")
     step = ckpt.get("global_step", 0)
     return CheckpointInfo(str(path), "lightning", model, data, step if type(step) is int else 0, _loader_state(ckpt), ckpt)
+
+
+# What Lightning reads from a checkpoint besides the settings, and the type each must have.
+STRUCTURE = {"epoch": int, "global_step": int, "pytorch-lightning_version": str, "state_dict": dict, "loops": dict,
+             "callbacks": dict, "optimizer_states": list, "lr_schedulers": list}
+# ModelCheckpoint's state: files it may delete when it saves a better one. They must lie in its own folder.
+CHECKPOINT_FILES = ("best_model_path", "kth_best_model_path", "last_model_path")
+
+
+def check_structure(path: str, ckpt: dict) -> None:
+    """The parts of a checkpoint Lightning restores have the types fit writes, and the best-checkpoint tracker's
+    files lie in its own folder (else a crafted one could make a resumed run delete any file)."""
+    from packaging.version import InvalidVersion, Version
+
+    for key, kind in STRUCTURE.items():
+        if key in ckpt and not isinstance(ckpt[key], kind) or (kind is int and type(ckpt.get(key, 0)) is not int):
+            raise CheckpointError(f"refused {path}: its {key} is a {type(ckpt[key]).__name__}, not what fit writes.")
+    try:
+        Version(ckpt["pytorch-lightning_version"])
+    except InvalidVersion:
+        raise CheckpointError(f"refused {path}: its pytorch-lightning_version is not a version number.") from None
+    for name, loop in ckpt.get("loops", {}).items():
+        if not isinstance(loop, dict) or not all(isinstance(v, dict) for v in loop.values()):
+            raise CheckpointError(f"refused {path}: its loops.{_short(name)} is not what fit writes.")
+    if not all(isinstance(v, dict) for v in ckpt.get("optimizer_states", []) + ckpt.get("lr_schedulers", [])):
+        raise CheckpointError(f"refused {path}: its optimizer or scheduler states are not what fit writes.")
+    for name, state in ckpt.get("callbacks", {}).items():
+        if not isinstance(state, dict):
+            raise CheckpointError(f"refused {path}: its callbacks state {_short(name)} is not a dict.")
+        folder = state.get("dirpath")
+        files = [state.get(key) for key in CHECKPOINT_FILES] + list(state.get("best_k_models") or {})
+        for file in (f for f in files if f):
+            if not isinstance(file, str) or not isinstance(folder, str) or not _inside(file, folder):
+                raise CheckpointError(
+                    f"refused {path}: its callbacks state names the file {_short(file)}, which is not in the "
+                    "checkpoints folder it records (a resumed run could delete it). Nothing was run."
+                )
+
+
+def _inside(file: str, folder: str) -> bool:
+    from pathlib import Path
+
+    return Path(file).resolve().parent == Path(folder).resolve()
 
 
 def _get(namespace: Any, key: str) -> Any:
@@ -205,10 +249,13 @@ def _seed(cfg: Any) -> int | None:
     return seed if type(seed) is int else None
 
 
-def training_conflicts(info: CheckpointInfo, optimizers: list[torch.optim.Optimizer], schedulers: list, world_size: int) -> list[str]:
+def training_conflicts(info: CheckpointInfo, optimizers: list[torch.optim.Optimizer], schedulers: list,
+                       world_size: int, defaults: dict[str, bool] | None = None) -> list[str]:
     """For a resumed fit: the configured optimizer and schedule against the states in the checkpoint (which
-    Lightning restores over them), and the number of processes against a mid-epoch position."""
+    Lightning restores over them), and the number of processes against a mid-epoch position. ``defaults`` says
+    which of "optimizer" and "lr_scheduler" the user did not give (the lines then say so)."""
     lines = []
+    note = {part: " (not given: the default)" if (defaults or {}).get(part) else "" for part in ("optimizer", "lr_scheduler")}
     saved_optimizers = info.raw.get("optimizer_states") or []
     for optimizer, saved in zip(optimizers, saved_optimizers):
         try:
@@ -218,7 +265,7 @@ def training_conflicts(info: CheckpointInfo, optimizers: list[torch.optim.Optimi
         group = optimizer.param_groups[0]
         name = type(optimizer).__name__
         if set(saved_group) - {"initial_lr"} != set(group) - {"initial_lr"}:
-            lines.append(f"--model.optimizer {name}, but the checkpoint's optimizer has other settings "
+            lines.append(f"--model.optimizer {name}{note['optimizer']}, but the checkpoint's optimizer has other settings "
                          f"({', '.join(sorted(set(saved_group) - {'params', 'initial_lr'}))})")
             continue
         for key in OPTIMIZER_SETTINGS:
@@ -226,22 +273,25 @@ def training_conflicts(info: CheckpointInfo, optimizers: list[torch.optim.Optimi
                 mine = group.get("initial_lr", group[key]) if key == "lr" else group[key]
                 theirs = saved_group.get("initial_lr", saved_group[key]) if key == "lr" else saved_group[key]
                 if _differ(mine, theirs):
-                    lines.append(f"--model.optimizer.init_args.{key} {mine}, but the checkpoint's {name} has {theirs}")
+                    lines.append(f"--model.optimizer.init_args.{key} {mine}{note['optimizer']}, but the checkpoint's "
+                                 f"{name} has {theirs}")
     saved_schedulers = info.raw.get("lr_schedulers") or []
     if len(schedulers) != len(saved_schedulers):
         names = ", ".join(type(s).__name__ for s in schedulers) or "none"
         lines.append(f"the config's schedule has {len(schedulers)} scheduler(s) ({names}; --model.warmup_steps and "
-                     f"--model.lr_scheduler), but the checkpoint has {len(saved_schedulers)}")
+                     f"--model.lr_scheduler{note['lr_scheduler']}), but the checkpoint has {len(saved_schedulers)}")
     else:
         for scheduler, saved in zip(schedulers, saved_schedulers):
             mine = scheduler.state_dict()
             if not isinstance(saved, dict) or set(mine) != set(saved):
-                lines.append(f"--model.lr_scheduler {type(scheduler).__name__}, but the checkpoint's scheduler is of another kind")
+                lines.append(f"--model.lr_scheduler {type(scheduler).__name__}{note['lr_scheduler']}, but the checkpoint's "
+                             "scheduler is of another kind")
                 continue
             arguments = set(inspect.signature(type(scheduler).__init__).parameters) - {"self", "optimizer", "last_epoch", "verbose"}
             for key in sorted(arguments & set(mine)):
                 if _differ(mine[key], saved[key]):
-                    lines.append(f"{type(scheduler).__name__} {key} {mine[key]}, but the checkpoint's has {saved[key]}")
+                    lines.append(f"{type(scheduler).__name__} {key} {mine[key]}{note['lr_scheduler']}, but the checkpoint's "
+                                 f"has {saved[key]}")
     saved_world = info.position.get("world_size")
     if info.mid_epoch and saved_world is not None and saved_world != world_size:
         lines.append(f"{world_size} process(es), but the checkpoint stopped mid-epoch with {saved_world} "

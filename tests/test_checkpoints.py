@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FULL_EPOCHS, TINY, make_dataset, run
+from conftest import FULL_EPOCHS, TINY, make_dataset, mixed_folder, run
 
 from senet_pl import checkpoints
 from senet_pl.checkpoints import TEMP_PREFIX, AtomicCheckpointIO, CheckpointError, load_checkpoint
@@ -332,3 +332,43 @@ def test_checkpoint_files_get_normal_permissions(tmp_path: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+@pytest.mark.parametrize(("signum", "status"), SIGNALS)
+def test_a_signal_while_reading_the_data_stops_with_a_message_and_no_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, signum: int, status: int
+) -> None:
+    """Before the Trainer handles signals (the data module's setup): no traceback, no half run folder."""
+    import senet_pl.data.datamodule as datamodule
+
+    make_dataset(tmp_path / "data")
+    fit(*TINY, "--trainer.max_epochs=1")
+    mixed_folder(tmp_path / "mine")
+    read_folder = datamodule.read_folder
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signum)
+        return read_folder(*args, **kwargs)
+
+    monkeypatch.setattr(datamodule, "read_folder", interrupted)
+    with pytest.raises(SystemExit) as exit_:
+        main(["predict", *TINY, "--ckpt_path=last", "--data.predict_dir=mine"])
+    assert exit_.value.code == status
+    name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+    assert f"{name}: predict stopped before it started; nothing was written" in capsys.readouterr().err
+    assert sorted(p.name for p in Path("lightning_logs/mnist").iterdir()) == ["version_0"]
+
+
+@pytest.mark.parametrize(("signum", "status"), SIGNALS)
+def test_a_signal_while_parsing_stops_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, signum: int, status: int
+) -> None:
+    from senet_pl.cli import SENetCLI
+
+    monkeypatch.setattr(SENetCLI, "before_instantiate_classes", lambda self: os.kill(os.getpid(), signum))
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", *TINY])
+    assert exit_.value.code == status
+    err = capsys.readouterr().err
+    assert "stopped before any work; nothing was written" in err and "Traceback" not in err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

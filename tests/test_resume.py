@@ -274,3 +274,80 @@ def test_predict_from_a_plain_state_dict(run_copy: Path, tmp_path: Path) -> None
     assert cli("predict", *TINY, f"--ckpt_path={tmp_path / 'weights.pt'}") is None
     rows = next(Path("lightning_logs/mnist").glob("version_*/predictions.csv")).read_text().splitlines()
     assert len(rows) == N_TEST + 1
+
+
+# -- crafted checkpoints beyond the settings (found by attacking the first version) ---------------------
+
+
+def _best_state(ckpt: dict) -> dict:
+    (state,) = [s for s in ckpt["callbacks"].values() if s.get("monitor")]
+    return state
+
+
+def test_a_checkpoint_cannot_make_a_resumed_run_delete_a_file(run_copy: Path, tmp_path: Path) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    ckpt = load_checkpoint(run_copy)
+    state = _best_state(ckpt)
+    outside = f"{state['dirpath']}/../../../../victim.txt"  # relative, as Lightning stores its own paths
+    state.update(best_k_models={outside: torch.tensor(-1.0)}, kth_best_model_path=outside, kth_value=torch.tensor(-1.0))
+    torch.save(ckpt, run_copy)
+    message = cli("fit", *TINY, "--trainer.max_epochs=3", "--ckpt_path=last")
+    assert message is not None and f"refused {run_copy.relative_to(tmp_path)}: its callbacks state names the file" in message
+    assert victim.read_text() == "keep me"
+
+
+def test_best_is_only_looked_for_beside_last(run_copy: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere.ckpt"
+    shutil.copy(run_copy, elsewhere)
+    ckpt = load_checkpoint(run_copy)
+    _best_state(ckpt)["best_model_path"] = str(elsewhere)
+    torch.save(ckpt, run_copy)
+    message = cli("test", *TINY, "--ckpt_path=best")
+    assert message is not None and "records no best checkpoint that still exists beside it" in message
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        (lambda c: c.update(loops={"fit_loop": "x"}), "its loops.'fit_loop' is not what fit writes"),
+        (lambda c: c.update({"pytorch-lightning_version": "not.a version!"}), "pytorch-lightning_version is not a version"),
+        (lambda c: c.update({"pytorch-lightning_version": {"class_path": "x"}}), "its pytorch-lightning_version is a dict"),
+        (lambda c: c.update(global_step=True), "its global_step is a bool"),
+        (lambda c: c.update(optimizer_states=["x"]), "optimizer or scheduler states are not what fit writes"),
+        (lambda c: c["datamodule_hyper_parameters"].update(split_seed=10**40), "--data.split_seed 1000"),
+    ],
+)
+def test_malformed_checkpoints_get_one_line(run_copy: Path, tmp_path: Path, damage, expected: str) -> None:
+    ckpt = load_checkpoint(run_copy)
+    damage(ckpt)
+    torch.save(ckpt, tmp_path / "bad.ckpt")
+    runs = sorted(p.name for p in Path("lightning_logs/mnist").iterdir())
+    message = cli("fit", *TINY, "--trainer.max_epochs=2", f"--ckpt_path={tmp_path / 'bad.ckpt'}")
+    assert message is not None and message.startswith("error: ") and expected in message, message
+    assert sorted(p.name for p in Path("lightning_logs/mnist").iterdir()) == runs
+
+
+def test_a_last_ckpt_that_is_no_dict_is_one_line_for_best(run_copy: Path) -> None:
+    torch.save(torch.zeros(3), run_copy)
+    message = cli("test", *TINY, "--ckpt_path=best")
+    assert message is not None and "records no best checkpoint" in message
+
+
+def test_a_resume_that_fails_in_setup_leaves_no_new_folder(run_copy: Path, tmp_path: Path) -> None:
+    ckpt = load_checkpoint(run_copy)
+    ckpt["datamodule_hyper_parameters"]["val_size"] = 100_000  # taken from the checkpoint, fails in setup
+    torch.save(ckpt, tmp_path / "outside.ckpt")  # not in a run folder: fit starts a new version
+    args = [a for a in TINY if not a.startswith("--data.val_size")] + ["--data.val_size=100000"]  # as it says
+    message = cli("fit", *args, "--trainer.max_epochs=2", f"--ckpt_path={tmp_path / 'outside.ckpt'}")
+    assert message is not None and "--data.val_size 100000 must be between" in message, message
+    assert sorted(p.name for p in Path("lightning_logs/mnist").iterdir()) == ["version_0"]  # no new version_1
+
+
+def test_optimizer_conflicts_say_when_the_value_is_a_default(run_copy: Path) -> None:
+    bare = [a for a in TINY if not a.startswith("--config")]
+    message = cli("fit", *bare, "--trainer.max_epochs=2", f"--ckpt_path={run_copy}", "--model.depth=34")
+    assert message is not None
+    assert "--model.depth 34, but the checkpoint has 18" in message  # shape and optimizer conflicts together
+    assert "lr 0.1 (not given: the default)" not in message  # the default optimizer is the recipes' now
+    assert f"--config {run_copy.parent.parent / 'config.yaml'}" in message

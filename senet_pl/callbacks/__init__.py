@@ -3,7 +3,7 @@ analysis (``excitation.py``) and the predictions CSV (``predictions.py``)."""
 
 from senet_pl.callbacks.excitation import ExcitationAnalysis
 from senet_pl.callbacks.figures import TensorBoardFigures
-from senet_pl.callbacks.last import GracefulStop, LatestCheckpoint
+from senet_pl.callbacks.last import EarlySignals, GracefulStop, Interrupted, LatestCheckpoint
 from senet_pl.callbacks.predictions import PredictionWriter
 
-__all__ = ["ExcitationAnalysis", "GracefulStop", "LatestCheckpoint", "PredictionWriter", "TensorBoardFigures"]
+__all__ = ["EarlySignals", "ExcitationAnalysis", "GracefulStop", "Interrupted", "LatestCheckpoint", "PredictionWriter", "TensorBoardFigures"]

@@ -76,6 +76,32 @@ class LatestCheckpoint(Checkpoint):
             self._save(trainer)
 
 
+class Interrupted(BaseException):
+    """SIGTERM or Ctrl-C before a Trainer handles them (parsing, data loading, setup): stop at once.
+
+    A BaseException, not a KeyboardInterrupt, so that Lightning passes it on instead of exiting with status 1."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class EarlySignals:
+    """The process's SIGINT and SIGTERM handler until a Trainer takes over: raises ``Interrupted``.
+
+    Lightning's SIGTERM handler calls the handler it replaced after setting its own flag, so once it is
+    installed this one does nothing (the loops then stop at a batch boundary); GracefulStop replaces it
+    for SIGINT during a command and puts it back afterwards."""
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if signal.getsignal(signum) is self:  # still the installed handler: no Trainer is handling signals
+            raise Interrupted(signum)
+
+    def install(self) -> dict[int, Any]:
+        """Install for SIGINT and SIGTERM; returns the handlers it replaced."""
+        return {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
 class GracefulStop(Callback):
     """Makes the first Ctrl-C stop any command like SIGTERM does: at the next batch boundary (in fit, with a checkpoint).
 
@@ -86,12 +112,16 @@ class GracefulStop(Callback):
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self.start_step: int | None = None  # the global step when training started (after a resume's restore)
         self._previous: Any = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # From the start of every command (fit with its sanity check, validate, test, predict), not only training.
-        self.signal = None
+        self.signal, self.start_step = None, None
         self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start_step = trainer.global_step
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         if self._previous is None:  # the command has ended (Lightning's teardown may reinstall this handler)
