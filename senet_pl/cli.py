@@ -20,7 +20,6 @@ What it adds to LightningCLI:
   a command that fails before its first training step leaves no run folder behind.
 """
 
-import shutil
 import signal
 import sys
 from pathlib import Path
@@ -37,20 +36,18 @@ from senet_pl.callbacks.excitation import ExcitationAnalysis
 from senet_pl.callbacks.figures import TensorBoardFigures
 from senet_pl.callbacks.last import EarlySignals, GracefulStop, Interrupted, LatestCheckpoint
 from senet_pl.callbacks.predictions import PredictionWriter
-from senet_pl.checkpoints import AtomicCheckpointIO, CheckpointError, as_lightning_checkpoint, load_checkpoint
+from senet_pl.checkpoints import AtomicCheckpointIO, CheckpointError, as_lightning_checkpoint
 from senet_pl.compat import LightningCLIHooks
 from senet_pl.data import DataError, MNISTDataModule
 from senet_pl.gates import se_blocks
 from senet_pl.model import MIN_IMAGE_SIZE
 from senet_pl.module import NonFiniteLossError, SEResNetClassifier
 from senet_pl.precision import resolve_precision
-from senet_pl.resume import CheckpointInfo, read_checkpoint, reconcile, training_conflicts, weight_mismatch
+from senet_pl.resume import reconcile, training_conflicts, weight_mismatch
+from senet_pl.runs import CLIError, find_checkpoint, remove_new_folders
+from senet_pl.untrusted import CheckpointInfo, read_checkpoint
 
 MAX_SEED = 2**32 - 1  # numpy's limit, which seed_everything passes the seed to
-
-
-class CLIError(Exception):
-    """A command line that cannot be carried out; the message says what to do."""
 
 
 class Stopped(Exception):
@@ -143,38 +140,6 @@ class SENetCLI(LightningCLIHooks):
             return Path(logger.init_args.save_dir) / (logger.init_args.name or "")
         return None
 
-    def _resolve_named_checkpoint(self, name: str, subcommand: str) -> str | None:
-        """The file that ``--ckpt_path last|best|auto`` means: from the newest run of the configured logger.
-
-        ``auto`` (for job scripts that are rerun, e.g. requeued on SLURM) is ``last`` when a run exists
-        and None (a new run) otherwise; ``last`` with nothing to resume is an error, never a silent fresh start.
-        """
-        root = self._logger_root()
-        runs = sorted(root.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime) if root else []
-        if not runs:
-            if name == "auto" and subcommand == "fit":
-                print("--ckpt_path auto: no run to resume, starting a new one", file=sys.stderr)
-                return None
-            where = f"under {root}/" if root else "(no TensorBoard logger is configured)"
-            raise CLIError(
-                f"--ckpt_path {name}: no run {where} has a checkpoints/last.ckpt. Give the path of a "
-                "checkpoint, leave --ckpt_path out to start a new run, or use --ckpt_path auto (fit only) to "
-                "resume if there is a run and start one otherwise."
-            )
-        path = runs[-1]
-        if name == "best":  # the best-checkpoint callback's record, kept in every checkpoint
-            last = load_checkpoint(path, mmap=True)
-            callbacks = last.get("callbacks", {}) if isinstance(last, dict) else {}
-            callbacks = callbacks if isinstance(callbacks, dict) else {}
-            best = [s.get("best_model_path") for s in callbacks.values() if isinstance(s, dict) and s.get("monitor")]
-            # only a file beside last.ckpt, in the same run's checkpoints folder
-            best = [Path(b) for b in best if isinstance(b, str) and b and Path(b).resolve().parent == path.resolve().parent]
-            if not best or not best[0].is_file():
-                raise CLIError(f"--ckpt_path best: {path} records no best checkpoint that still exists beside it.")
-            path = best[0]
-        print(f"--ckpt_path {name} resolved to {path}", file=sys.stderr)
-        return str(path)
-
     def reconcile_checkpoint(self) -> None:
         """Resolve ``--ckpt_path last|best|auto``, check the checkpoint, and reconcile it with the config.
 
@@ -186,7 +151,7 @@ class SENetCLI(LightningCLIHooks):
             return
         cfg = self.config[subcommand]
         if cfg.get("ckpt_path") in ("last", "best", "auto"):
-            cfg.ckpt_path = self._resolve_named_checkpoint(cfg.ckpt_path, subcommand)
+            cfg.ckpt_path = find_checkpoint(self._logger_root(), cfg.ckpt_path, subcommand)
         if not cfg.ckpt_path:
             return
         info = read_checkpoint(cfg.ckpt_path, SEResNetClassifier, MNISTDataModule)
@@ -281,14 +246,9 @@ class SENetCLI(LightningCLIHooks):
         try:
             super().run_subcommand(subcommand)
         except BaseException as err:
-            removed = []
             start = self.graceful_stop.start_step  # None: training never started
             no_step = subcommand != "fit" or start is None or self.trainer.global_step == start  # only fit trains
-            if root is not None and root.is_dir() and no_step and self.trainer.is_global_zero:
-                for folder in sorted(set(root.iterdir()) - before):
-                    if folder.is_dir() and not any(folder.rglob("*.ckpt")):
-                        shutil.rmtree(folder, ignore_errors=True)
-                        removed.append(folder)
+            removed = remove_new_folders(root, before) if no_step and self.trainer.is_global_zero else []
             if isinstance(err, (SIGTERMException, Interrupted)):
                 signum = self.graceful_stop.signal or getattr(err, "signum", signal.SIGTERM)
                 raise Stopped(self._stop_message(subcommand, removed, signum), signum) from None
@@ -297,7 +257,7 @@ class SENetCLI(LightningCLIHooks):
     def _stop_message(self, subcommand: str, removed: list[Path], signum: int) -> str:
         name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
         step = self.trainer.global_step
-        if self.graceful_stop.start_step is None:  # in data loading or setup, before the loops ran
+        if not self.graceful_stop.running:  # in data loading or setup, before the Trainer's loops
             gone = f" (the new run folder {removed[0]} was removed)" if removed else ""
             return f"{name}: {subcommand} stopped before it started; nothing was written{gone}."
         if subcommand != "fit":

@@ -1,6 +1,7 @@
 """Synthetic MNIST-format data and image folders, built per test, so the suite never needs the network."""
 
 import gzip
+import os
 import struct
 import subprocess
 import sys
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 N_TRAIN, N_TEST = 96, 40
@@ -86,6 +88,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__ in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Several test processes share the cores (pytest -n): one thread each, for them and the CLI processes
+    # they start, instead of every process running a thread per core.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

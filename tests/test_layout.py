@@ -13,7 +13,7 @@ FLOORS = {
     "senet_pl.compat": 0, "senet_pl.plots": 0,
     "senet_pl.module": 1, "senet_pl.data": 1, "senet_pl.checkpoints": 1,
     "senet_pl.callbacks": 2,
-    "senet_pl.resume": 3, "senet_pl.cli": 3, "senet_pl.__main__": 3, "senet_pl": 3,
+    "senet_pl.untrusted": 3, "senet_pl.resume": 3, "senet_pl.runs": 3, "senet_pl.cli": 3, "senet_pl.__main__": 3, "senet_pl": 3,
     "senet_pl.tools": 4,
 }
 
@@ -91,5 +91,5 @@ def test_private_lightning_names_only_in_compat() -> None:
 
 
 def test_no_module_is_longer_than_about_300_lines() -> None:
-    long = {p.name: n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 330}
+    long = {p.name: n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 310}
     assert not long, long

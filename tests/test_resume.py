@@ -14,7 +14,7 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 from senet_pl.checkpoints import load_checkpoint
 from senet_pl.cli import main
 from senet_pl.model import SEResNet
-from senet_pl.resume import fits
+from senet_pl.untrusted import fits
 
 RUN = Path("lightning_logs/mnist/version_0")
 

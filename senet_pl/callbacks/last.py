@@ -112,12 +112,13 @@ class GracefulStop(Callback):
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self.running = False  # the Trainer has set up (after the data module's setup)
         self.start_step: int | None = None  # the global step when training started (after a resume's restore)
         self._previous: Any = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # From the start of every command (fit with its sanity check, validate, test, predict), not only training.
-        self.signal, self.start_step = None, None
+        self.signal, self.running, self.start_step = None, True, None
         self._previous = signal.signal(signal.SIGINT, self._on_sigint)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -1,0 +1,56 @@
+"""The run folders of a logger (``save_dir/name/version_N``): which checkpoint ``--ckpt_path last|best|auto``
+means, and removing the folders a command made before it failed."""
+
+import shutil
+import sys
+from pathlib import Path
+
+from senet_pl.checkpoints import load_checkpoint
+
+
+class CLIError(Exception):
+    """A command line that cannot be carried out; the message says what to do."""
+
+
+def find_checkpoint(root: Path | None, name: str, subcommand: str) -> str | None:
+    """The file that ``--ckpt_path last|best|auto`` means: from the newest run of the configured logger.
+
+    ``auto`` (for job scripts that are rerun, e.g. requeued on SLURM) is ``last`` when a run exists
+    and None (a new run) otherwise; ``last`` with nothing to resume is an error, never a silent fresh start.
+    """
+    runs = sorted(root.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime) if root else []
+    if not runs:
+        if name == "auto" and subcommand == "fit":
+            print("--ckpt_path auto: no run to resume, starting a new one", file=sys.stderr)
+            return None
+        where = f"under {root}/" if root else "(no TensorBoard logger is configured)"
+        raise CLIError(
+            f"--ckpt_path {name}: no run {where} has a checkpoints/last.ckpt. Give the path of a "
+            "checkpoint, leave --ckpt_path out to start a new run, or use --ckpt_path auto (fit only) to "
+            "resume if there is a run and start one otherwise."
+        )
+    path = runs[-1]
+    if name == "best":  # the best-checkpoint callback's record, kept in every checkpoint
+        last = load_checkpoint(path, mmap=True)
+        callbacks = last.get("callbacks", {}) if isinstance(last, dict) else {}
+        callbacks = callbacks if isinstance(callbacks, dict) else {}
+        best = [s.get("best_model_path") for s in callbacks.values() if isinstance(s, dict) and s.get("monitor")]
+        # only a file beside last.ckpt, in the same run's checkpoints folder
+        best = [Path(b) for b in best if isinstance(b, str) and b and Path(b).resolve().parent == path.resolve().parent]
+        if not best or not best[0].is_file():
+            raise CLIError(f"--ckpt_path best: {path} records no best checkpoint that still exists beside it.")
+        path = best[0]
+    print(f"--ckpt_path {name} resolved to {path}", file=sys.stderr)
+    return str(path)
+
+
+def remove_new_folders(root: Path | None, before: set[Path]) -> list[Path]:
+    """Remove the run folders under ``root`` that are not in ``before`` and hold no checkpoint; returns them."""
+    if root is None or not root.is_dir():
+        return []
+    removed = []
+    for folder in sorted(set(root.iterdir()) - before):
+        if folder.is_dir() and not any(folder.rglob("*.ckpt")):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
