@@ -12,8 +12,8 @@ reloaded ExportedProgram) on up to 256 test images and must give the PyTorch mod
 """
 
 import copy
+import importlib
 import importlib.metadata
-import importlib.util
 import json
 import os
 import tempfile
@@ -119,8 +119,16 @@ def check_images(dm: MNISTDataModule, count: int = CHECK_IMAGES) -> tuple[torch.
     return images, f"random images (no test split: {reason})"
 
 
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)  # torch.onnx imports them anyway; a broken install counts as missing
+    except ImportError:
+        return False
+    return True
+
+
 def _needs(modules: tuple[str, ...], what: str) -> None:
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    missing = [m for m in modules if not _importable(m)]
     if missing:
         raise ExportError(f"{what} needs {', '.join(missing)}, which is not installed: install the export extra ({INSTALL}).")
 
