@@ -13,7 +13,8 @@ def test_bench_prints_every_row(tmp_path: Path) -> None:
     make_dataset(tmp_path / "data", compress=True)
     args = ["--data_dir=data", "--val_size=16", "--batch_28=8", "--steps=1", "--data_steps=2",
             "--skip_224_training=true", "--repeats=2"]
-    result = subprocess.run([sys.executable, "-m", "senet_pl.tools.bench", *args], cwd=tmp_path,
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # this checkout, not whichever one is installed
+    result = subprocess.run([sys.executable, "-m", "senet_pl.tools.bench", *args], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "img/s" not in line]
