@@ -1,4 +1,4 @@
-"""``python -m senet_pl {fit,validate,test,predict,analyze}``: LightningCLI with this project's defaults.
+"""``python -m senet_pl {fit,validate,test,predict,analyze,export}``: LightningCLI with this project's defaults.
 
 What it adds to LightningCLI:
 - ``num_classes``/``in_channels`` linked from the data module to the model;
@@ -7,17 +7,16 @@ What it adds to LightningCLI:
   atomically and loaded with ``weights_only=True`` (see ``checkpoints.py``),
   a learning-rate monitor, a TensorBoard logger in ``lightning_logs/`` with figures and the HParams
   view (``figures.py``), and a predictions CSV (test split or ``--data.predict_dir``);
-- the ``analyze`` subcommand: per-class SE excitation over the test split (``excitation.py``);
+- the ``analyze`` (per-class SE excitation, ``excitation.py``) and ``export`` (ONNX/.pt2, ``export.py``) subcommands;
 - ``--ckpt_path last|best|auto`` that finds the newest run of the configured logger (Lightning
   alone would look in the new run's empty folder), and resuming ``fit`` into that run's own
   folder so that its TensorBoard curves continue;
-- ``bf16-mixed`` falling back to what the hardware can do (fp16 on GPUs without bf16,
-  fp32 on CPUs without bf16 instructions);
+- ``bf16-mixed`` falling back to what the hardware can do (fp16 on GPUs without bf16, fp32 on CPUs without);
 - checkpoints checked and reconciled with the command line before anything reads them
   (``resume.py``): nothing a checkpoint names is imported, and nothing typed is silently ignored;
-- short error messages for bad data, checkpoints and non-finite losses, instead of a traceback;
-  exit status 130 after Ctrl-C and 143 after SIGTERM, with a message built from what was written;
-  a command that fails before its first training step leaves no run folder behind.
+- short error messages for bad data, checkpoints, exports and non-finite losses instead of a traceback; exit
+  status 130 after Ctrl-C and 143 after SIGTERM, with a message built from what was written; a command that
+  fails before its first training step leaves no run folder behind.
 """
 
 import signal
@@ -39,6 +38,7 @@ from senet_pl.callbacks.predictions import PredictionWriter
 from senet_pl.checkpoints import AtomicCheckpointIO, CheckpointError, as_lightning_checkpoint
 from senet_pl.compat import LightningCLIHooks
 from senet_pl.data import DataError, MNISTDataModule
+from senet_pl.export import ExportError, Format, export_checkpoint
 from senet_pl.gates import se_blocks
 from senet_pl.model import MIN_IMAGE_SIZE
 from senet_pl.module import NonFiniteLossError, SEResNetClassifier
@@ -66,7 +66,7 @@ class ShortErrorParser(LightningArgumentParser):
 
 
 class Trainer(L.Trainer):
-    """Lightning's Trainer plus the ``analyze`` subcommand."""
+    """Lightning's Trainer plus the ``analyze`` and ``export`` subcommands."""
 
     def analyze(self, model: SEResNetClassifier, datamodule: MNISTDataModule, ckpt_path: str | None = None) -> None:
         """Excitation analysis (paper Sec. 7.2, Fig. 6): mean SE gates per class over the test split.
@@ -80,6 +80,17 @@ class Trainer(L.Trainer):
             raise CLIError(f"{ckpt_path} is a plain ResNet (se: false): it has no SE gates to analyze.")
         self.callbacks.append(ExcitationAnalysis(datamodule.short_class_names))
         self.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
+
+    def export(self, model: SEResNetClassifier, datamodule: MNISTDataModule, ckpt_path: str | None = None,
+               format: Format = "onnx", out: str | None = None) -> None:
+        """The model with its preprocessing as ONNX or .pt2, checked against PyTorch first (``export.py``).
+
+        Args:
+            ckpt_path: the trained model: a checkpoint path, or "best"/"last" for the newest run's.
+            format: "onnx" (torch.onnx's dynamo exporter) or "pt2" (torch.export.save).
+            out: the file to write (default: the checkpoint's path with the format's suffix).
+        """
+        export_checkpoint(model, datamodule, ckpt_path, format, out)
 
 
 class SENetCLI(LightningCLIHooks):
@@ -98,27 +109,25 @@ class SENetCLI(LightningCLIHooks):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLIHooks.subcommands(), "analyze": {"model", "datamodule"}}
+        return {**LightningCLIHooks.subcommands(), "analyze": {"model", "datamodule"}, "export": {"model", "datamodule"}}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.in_channels", "model.in_channels", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(LatestCheckpoint, "last_checkpoint")
-        parser.set_defaults(
-            {
-                "checkpoint.monitor": "val/acc",
-                "checkpoint.mode": "max",
-                "checkpoint.save_last": False,  # last.ckpt comes from last_checkpoint (LatestCheckpoint)
-                "checkpoint.filename": "best-epoch{epoch:02d}-acc{val/acc:.4f}",
-                "checkpoint.auto_insert_metric_name": False,
-                "trainer.logger": {
-                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                    # No placeholder "hp_metric": TensorBoardFigures writes the HParams view with the real metrics.
-                    "init_args": {"save_dir": "lightning_logs", "name": "senet", "default_hp_metric": False},
-                },
-            }
-        )
+        parser.set_defaults({
+            "checkpoint.monitor": "val/acc",
+            "checkpoint.mode": "max",
+            "checkpoint.save_last": False,  # last.ckpt comes from last_checkpoint (LatestCheckpoint)
+            "checkpoint.filename": "best-epoch{epoch:02d}-acc{val/acc:.4f}",
+            "checkpoint.auto_insert_metric_name": False,
+            "trainer.logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                # No placeholder "hp_metric": TensorBoardFigures writes the HParams view with the real metrics.
+                "init_args": {"save_dir": "lightning_logs", "name": "senet", "default_hp_metric": False},
+            },
+        })
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         super().parse_arguments(parser, args)
@@ -236,7 +245,7 @@ class SENetCLI(LightningCLIHooks):
                                              self.trainer.world_size, defaults)
         self._check_weights()
 
-    before_validate = before_test = before_predict = before_analyze = _check_weights
+    before_validate = before_test = before_predict = before_analyze = before_export = _check_weights
 
     def run_subcommand(self, subcommand: str) -> None:
         """Run it; on a failure before any training step, remove the run folders it created (no empty
@@ -282,7 +291,7 @@ def main(args: list[str] | None = None) -> None:
     previous = EarlySignals().install()
     try:
         SENetCLI(args=args)
-    except (CLIError, DataError, CheckpointError, NonFiniteLossError) as err:
+    except (CLIError, DataError, CheckpointError, ExportError, NonFiniteLossError) as err:
         sys.exit(f"error: {err}")
     except Stopped as stop:
         print(stop, file=sys.stderr)

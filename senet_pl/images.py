@@ -7,6 +7,9 @@ in colour and off-center, so each file is converted the same way the datasets we
 grayscale, inverted if its background is light, cropped to the ink, scaled to the box,
 centered. Every other folder entry (unreadable or too large files, subfolders, broken links,
 FIFOs) is reported with the reason and skipped; one file costs at most about 400 MB of memory.
+
+numpy and Pillow only, no torch: ``python -m senet_pl.infer`` runs this same code where torch is not
+installed (the data module turns the arrays into tensors).
 """
 
 import errno
@@ -17,7 +20,6 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 Invert = Literal["auto", "yes", "no"]
@@ -47,7 +49,7 @@ MAX_SIDE = 2048
 class ImageFolder:
     """The readable images of a folder as a uint8 batch (N, 1, 28, 28), and the files that were skipped."""
 
-    images: torch.Tensor
+    images: np.ndarray
     files: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file name, reason)
 
@@ -65,8 +67,8 @@ def _grayscale(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("L"), dtype=np.float32)
 
 
-def to_training_style(image: Image.Image, box: int = 20, invert: Invert = "auto") -> torch.Tensor:
-    """One image of any size and mode as a uint8 (1, 28, 28) tensor that looks like the training data."""
+def to_training_style(image: Image.Image, box: int = 20, invert: Invert = "auto") -> np.ndarray:
+    """One image of any size and mode as a uint8 (1, 28, 28) array that looks like the training data."""
     gray = _grayscale(image)
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
     # "auto": the background is what the border mostly shows; light background = dark ink = invert.
@@ -99,7 +101,7 @@ def to_training_style(image: Image.Image, box: int = 20, invert: Invert = "auto"
     else:
         dy = dx = 0
     frame[offset + dy : offset + dy + box, offset + dx : offset + dx + box] = content
-    return torch.from_numpy(frame).unsqueeze(0)
+    return frame[np.newaxis]
 
 
 class _Skipped(Exception):
@@ -145,8 +147,8 @@ def _load_bounded(image: Image.Image) -> Image.Image:
     return image
 
 
-def _read_file(path: Path, box: int, invert: Invert) -> torch.Tensor:
-    """One regular file as a uint8 (1, 28, 28) tensor; raises _Skipped, or Pillow's errors."""
+def _read_file(path: Path, box: int, invert: Invert) -> np.ndarray:
+    """One regular file as a uint8 (1, 28, 28) array; raises _Skipped, or Pillow's errors."""
     try:
         file = open(path, "rb")  # opened here, not by Pillow, to tell "cannot open" from "cannot decode"
     except OSError as err:
@@ -181,5 +183,5 @@ def read_folder(folder: str | Path, box: int = 20, invert: Invert = "auto") -> I
             skipped.append((path.name, f"cannot convert: {type(err).__name__}: {err}"))
         else:
             files.append(path.name)
-    stack = torch.stack(images) if images else torch.empty(0, 1, SIZE, SIZE, dtype=torch.uint8)
+    stack = np.stack(images) if images else np.empty((0, 1, SIZE, SIZE), np.uint8)
     return ImageFolder(stack, files, skipped)

@@ -1,12 +1,11 @@
 """``predictions.csv`` (and ``skipped.csv``) in the run folder, written by ``predict``."""
 
-import csv
-
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from senet_pl.callbacks.output import run_folder
+from senet_pl.infer import PREDICTIONS_HEADER, prediction_rows, write_csv
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -33,20 +32,16 @@ class PredictionWriter(BasePredictionWriter):
         indices = dm.predict_indices() if hasattr(dm, "predict_indices") else list(range(len(probs)))
         files = getattr(dm, "predict_files", None)
         classes = getattr(dm, "class_names", None)
-        top_p, top_k = probs.topk(min(self.top, probs.shape[1]), dim=1)
         suffix = f"_rank{trainer.global_rank}" if trainer.world_size > 1 else ""
         folder = run_folder(trainer)
         path = folder / f"predictions{suffix}.csv"
-        with open(path, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["file" if files else "index", "prediction", "class", "confidence", f"top{self.top}"])
-            for i, ks, ps in zip(indices, top_k.tolist(), top_p.tolist()):
-                name = classes[ks[0]] if classes else ks[0]
-                top = " ".join(f"{k}:{p:.4f}" for k, p in zip(ks, ps))
-                writer.writerow([files[i] if files else i, ks[0], name, f"{ps[0]:.6f}", top])
+        top = min(self.top, probs.shape[1])
+        names = [files[i] for i in indices] if files else indices
+        # The same rows as python -m senet_pl.infer writes (torch-free, so they are built in infer.py).
+        write_csv(path, ["file" if files else "index", *PREDICTIONS_HEADER, f"top{top}"],
+                  prediction_rows(names, probs.float().cpu().numpy(), classes, top))
         print(f"predictions for {len(probs)} images written to {path}")
         skipped = getattr(dm, "predict_skipped", None) if files else None
         if skipped and trainer.is_global_zero:
-            with open(folder / "skipped.csv", "w", newline="") as f:
-                csv.writer(f).writerows([("file", "reason"), *skipped])
+            write_csv(folder / "skipped.csv", ["file", "reason"], skipped)
             print(f"{len(skipped)} unreadable files listed in {folder / 'skipped.csv'}")

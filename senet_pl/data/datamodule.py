@@ -207,7 +207,7 @@ class MNISTDataModule(L.LightningDataModule):
         if not found.files:
             raise DataError(f"no readable image in {folder} ({len(found.skipped)} files skipped): nothing to predict.")
         self.predict_files, self.predict_skipped = found.files, found.skipped
-        return InMemoryImages(found.images, torch.full((len(found.files),), -1))
+        return InMemoryImages(torch.from_numpy(found.images), torch.full((len(found.files),), -1))
 
     def _loader(self, dataset: InMemoryImages, shuffle: bool = False) -> DataLoader:
         workers = {"num_workers": self.hparams.num_workers, "persistent_workers": self.hparams.num_workers > 0}

@@ -59,11 +59,11 @@ def resize_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
     F.interpolate's per-pixel kernel (28 -> 224, batch 32); the results agree to float rounding (tested).
     """
     h, w = x.shape[-2:]
-    return _resize_weights(h, size, x.device, x.dtype) @ x @ _resize_weights(w, size, x.device, x.dtype).T
+    return resize_weights(h, size, x.device, x.dtype) @ x @ resize_weights(w, size, x.device, x.dtype).T
 
 
 @functools.lru_cache(maxsize=16)
-def _resize_weights(n: int, size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def resize_weights(n: int, size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """(size, n): row i holds the weights of the n inputs in output i (computed in fp32, then cast)."""
     eye = torch.eye(n, device=device).unsqueeze(0)
     return F.interpolate(eye, size=size, mode="linear", align_corners=False)[0].T.to(dtype).contiguous()

@@ -8,7 +8,9 @@
 3. Lightning overhead: ``fit`` against a plain PyTorch loop doing the same work (same data path,
    precision, memory format, optimizer, metric);
 4. peak memory of each case: CPU max RSS, and ``torch.cuda.max_memory_allocated`` on a GPU;
-5. with ``--compile``: ``fit`` with and without ``torch.compile``.
+5. with ``--compile``: ``fit`` with and without ``torch.compile``;
+6. with ``--inference true``: CPU inference, PyTorch eager vs ONNX Runtime (``latency.py``);
+   ``--training false`` leaves out 1-5.
 
 Every case runs in its own process, so that its peak memory is its own. Timings skip warm-up steps.
 Each pair runs ``--repeats`` times, left and right alternately; the table gives medians.
@@ -226,6 +228,10 @@ def bench(
     compile: bool = False,
     skip_224_training: bool = False,
     repeats: PositiveInt = 3,
+    training: bool = True,
+    inference: bool = False,
+    latency_runs: PositiveInt = 200,
+    inference_batch: PositiveInt = 256,
     case: str | None = None,
 ) -> None:
     """Benchmark the data path, training throughput, Lightning overhead and peak memory, side by side.
@@ -243,11 +249,22 @@ def bench(
         skip_224_training: leave out the slow 224x224 training rows.
         repeats: run each pair this many times, left and right alternately, and report the medians:
             on a shared or throttling machine one short run can be off by 10%.
+        training: the data-path, training and Lightning rows (1-5 above).
+        inference: the CPU inference rows: single-image latency p50/p99 and batch throughput, PyTorch eager vs
+            ONNX Runtime, fp32, and the files' sizes (needs the export extra).
+        latency_runs: single-image calls timed for the latency percentiles.
+        inference_batch: the batch of the throughput row.
         case: internal: run one case in this process and print its result as JSON.
     """
     args = SimpleNamespace(**locals())
     if case:
         return _one_case(args)
+    if inference:
+        from senet_pl.tools.latency import inference_table
+
+        print(inference_table(latency_runs, batch=inference_batch) + "\n")
+    if not training:
+        return
 
     from senet_pl.data import MNISTDataModule
 

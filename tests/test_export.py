@@ -1,0 +1,215 @@
+"""``export`` (ONNX and .pt2 with the preprocessing in the graph, checked against PyTorch) and ``senet_pl.infer``."""
+
+import contextlib
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxscript")
+ort = pytest.importorskip("onnxruntime")
+
+from conftest import N_TEST, REPO, TINY, make_dataset, mixed_folder  # noqa: E402
+
+from senet_pl import export as export_module  # noqa: E402
+from senet_pl.checkpoints import load_checkpoint  # noqa: E402
+from senet_pl.cli import main  # noqa: E402
+from senet_pl.data import MNISTDataModule  # noqa: E402
+from senet_pl.export import TOLERANCE  # noqa: E402
+from senet_pl.infer import MARKER, METADATA_KEY  # noqa: E402
+from senet_pl.model import SEResNet  # noqa: E402
+
+RUN = Path("lightning_logs/mnist/version_0")
+
+
+def cli(*args: str) -> str | None:
+    """``python -m senet_pl ARGS`` in-process; the error message, or None on success."""
+    try:
+        main(list(args))
+    except SystemExit as exit_:
+        return str(exit_.code) if exit_.code else None
+    return None
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A 1-epoch run of the tiny recipe, exported in both formats: the folder, the files and what export printed."""
+    cwd = tmp_path_factory.mktemp("export")
+    make_dataset(cwd / "data")
+    printed = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(cwd)
+        assert cli("fit", *TINY, "--trainer.max_epochs=1") is None
+        for fmt in ("onnx", "pt2"):
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                assert cli("export", *TINY, "--ckpt_path=best", f"--format={fmt}", f"--out=model.{fmt}") is None
+            printed[fmt] = out.getvalue()
+    best = next((cwd / RUN / "checkpoints").glob("best-*.ckpt"))
+    return {"cwd": cwd, "best": best, "printed": printed}
+
+
+def reference_logits(ckpt: Path, images: torch.Tensor, image_size: int = 28) -> np.ndarray:
+    """The PyTorch model of a checkpoint on uint8 images, through the data module's test-time transform."""
+    model = SEResNet(18, "cifar", 1, 10).eval()
+    weights = load_checkpoint(ckpt)["state_dict"]
+    model.load_state_dict({k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")})
+    dm = MNISTDataModule(image_size=image_size)
+    with torch.no_grad():
+        return model(dm.transform_batch(images, training=False)).numpy()
+
+
+def some_images(n: int) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
+
+
+def test_export_prints_the_parity_check(exported: dict) -> None:
+    for fmt in ("onnx", "pt2"):
+        printed = exported["printed"][fmt]
+        assert f"checked on {N_TEST} test images: max |logit difference|" in printed, printed
+        assert f"the same class for {N_TEST} of {N_TEST}" in printed and f"tolerance {TOLERANCE:g}" in printed
+        assert f"to model.{fmt} ({fmt}," in printed
+        assert not list(exported["cwd"].glob(".partial-*"))
+
+
+def test_onnx_takes_uint8_with_any_batch_and_carries_its_metadata(exported: dict) -> None:
+    path = exported["cwd"] / "model.onnx"
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (inp,) = session.get_inputs()
+    assert inp.type == "tensor(uint8)" and inp.shape[1:] == [1, 28, 28] and not isinstance(inp.shape[0], int)
+    meta = json.loads({p.key: p.value for p in onnx.load(str(path)).metadata_props}[METADATA_KEY])
+    assert meta["format"] == MARKER and meta["dataset"] == "mnist" and meta["class_names"][7] == "7 - seven"
+    assert meta["image_size"] == 28 and meta["input_size"] == [1, 28, 28]
+    assert meta["normalization"]["mean"] == 0.1307 and meta["normalization"]["std"] == 0.3081
+    assert meta["architecture"]["se"] is True and meta["senet_pl_version"]
+    assert meta["val_acc"] == pytest.approx(float(exported["best"].stem.split("acc")[1]), abs=1e-4)
+    for n in (1, 7):  # other batch sizes than the example the graph was traced with
+        images = some_images(n)
+        logits = session.run(None, {inp.name: images.numpy()})[0]
+        assert np.abs(logits - reference_logits(exported["best"], images)).max() < TOLERANCE
+
+
+def test_pt2_loads_with_its_metadata_and_matches(exported: dict) -> None:
+    extra = {"senet_pl.json": ""}
+    program = torch.export.load(exported["cwd"] / "model.pt2", extra_files=extra)
+    assert json.loads(extra["senet_pl.json"])["format"] == MARKER
+    images = some_images(5)
+    logits = program.module()(images).detach().numpy()
+    assert np.abs(logits - reference_logits(exported["best"], images)).max() < TOLERANCE
+
+
+@pytest.fixture
+def run_copy(exported: dict, tmp_path: Path) -> Path:
+    """The exported run's data in the test's own folder (the current directory); its best checkpoint's path."""
+    os.symlink(exported["cwd"] / "data", tmp_path / "data")
+    return exported["best"]
+
+
+def test_a_mismatch_fails_the_export_and_writes_nothing(run_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = export_module.run_exported
+
+    def altered(path, fmt, images):  # as if the exported graph computed one logit slightly wrong
+        logits = real(path, fmt, images)
+        logits[3, 0] += 10 * TOLERANCE
+        return logits
+
+    monkeypatch.setattr(export_module, "run_exported", altered)
+    error = cli("export", *TINY, f"--ckpt_path={run_copy}", "--format=pt2", "--out=altered.pt2")
+    assert error is not None and error.startswith("error: the exported model does not match PyTorch")
+    assert "\n" not in error and f"tolerance {TOLERANCE:g}" in error
+    assert not list(Path().glob("altered*")) and not list(Path().glob(".partial-*"))
+
+
+def test_a_plain_resnet_exports_too(tmp_path: Path) -> None:
+    make_dataset(tmp_path / "data")
+    torch.save(SEResNet(18, "cifar", 1, 10, se=False).state_dict(), "plain.pt")
+    no_se = f"--config={REPO / 'configs' / 'no_se.yaml'}"
+    assert cli("export", *TINY, no_se, "--ckpt_path=plain.pt", "--format=onnx") is None
+    meta = json.loads({p.key: p.value for p in onnx.load("plain.onnx").metadata_props}[METADATA_KEY])
+    assert meta["architecture"]["se"] is False and meta["val_acc"] is None
+
+
+def _predictions(path: Path) -> list[tuple[str, str]]:
+    with open(path) as f:
+        return [(row["file"], row["prediction"]) for row in csv.DictReader(f)]
+
+
+BLOCK = """
+import runpy, sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {blocked!r}:
+            raise ImportError(f'{{name}} is blocked by the test')
+sys.meta_path.insert(0, Block())
+sys.argv[0] = 'python -m senet_pl.infer'
+runpy.run_module('senet_pl.infer', run_name='__main__')
+assert not [m for m in sys.modules if m.split('.')[0] in {blocked!r}]
+"""
+
+
+def infer(cwd: Path, *args: str, blocked: tuple[str, ...] = ("torch", "lightning", "torchvision")):
+    """``python -m senet_pl.infer ARGS`` in a process where the ``blocked`` packages cannot be imported."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # this checkout, not whichever one is installed
+    return subprocess.run([sys.executable, "-c", BLOCK.format(blocked=blocked), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_infer_without_torch_gives_predicts_classes(run_copy: Path, exported: dict, tmp_path: Path) -> None:
+    good = mixed_folder(tmp_path / "mine")
+    assert cli("predict", *TINY, f"--ckpt_path={run_copy}", "--data.predict_dir=mine") is None
+    predicted = sorted(Path("lightning_logs/mnist").glob("version_*/predictions.csv"))[-1]
+    result = infer(tmp_path, str(exported["cwd"] / "model.onnx"), "mine", "--out", "out")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipped mine/notes.txt: not an image Pillow can read" in result.stderr
+    assert [f for f, _ in _predictions(tmp_path / "out/predictions.csv")] == good
+    assert _predictions(tmp_path / "out/predictions.csv") == _predictions(predicted)
+    with open(predicted) as a, open(tmp_path / "out/predictions.csv") as b:
+        assert next(csv.reader(a)) == next(csv.reader(b))  # the same columns
+    assert (tmp_path / "out/skipped.csv").read_text() == (predicted.parent / "skipped.csv").read_text()
+
+
+def test_infer_refuses_other_files_in_one_line(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "other",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17)]), "other.onnx")
+    Path("notes.txt").write_text("not a model\n")
+    (tmp_path / "mine").mkdir()
+    for model, says in (("other.onnx", "is not a model exported by senet_pl"),
+                        ("notes.txt", "is not an ONNX model onnxruntime can load"), ("gone.onnx", "no such file")):
+        result = infer(tmp_path, model, "mine")
+        assert result.returncode == 1 and result.stderr.startswith(f"error: {model}") and says in result.stderr
+        assert result.stderr.count("\n") == 1, result.stderr
+
+
+def test_infer_without_onnxruntime_names_the_extra(tmp_path: Path) -> None:
+    (tmp_path / "mine").mkdir()
+    result = infer(tmp_path, "model.onnx", "mine", blocked=("torch", "lightning", "onnxruntime"))
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert "onnxruntime is not installed" in result.stderr and "pip install -e '.[export]'" in result.stderr
+
+
+def test_export_errors_are_one_line(run_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ckpt = f"--ckpt_path={run_copy}"
+    error = cli("export", *TINY, ckpt, "--out=no/such/folder/model.onnx")
+    assert error == "error: cannot write no/such/folder/model.onnx: No such file or directory."
+    Path("taken").mkdir()
+    assert cli("export", *TINY, ckpt, "--out=taken").startswith("error: --out taken is a folder")
+    torch.save({"epoch": 3, "weights": [1, 2]}, "theirs.ckpt")
+    error = cli("export", *TINY, "--ckpt_path=theirs.ckpt")
+    assert error.startswith("error: theirs.ckpt is not a checkpoint of this project") and "\n" not in error
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if it were not installed
+    error = cli("export", *TINY, ckpt, "--format=onnx", "--out=m.onnx")
+    assert error == ("error: ONNX export needs onnxruntime, which is not installed: install the export extra "
+                     "(pip install -e '.[export]').")
+    assert not list(Path().glob("m.onnx")) and not list(Path().glob(".partial-*"))
