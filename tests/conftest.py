@@ -105,6 +105,17 @@ def in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "argv", ["senet_pl"])
 
 
+def cli(*args: str) -> str | None:
+    """``python -m senet_pl ARGS`` in this process; the error message, or None on success."""
+    from senet_pl.cli import main
+
+    try:
+        main(list(args))
+    except SystemExit as exit_:
+        return str(exit_.code) if exit_.code else None
+    return None
+
+
 def run(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     """``python -m senet_pl ARGS`` in CWD, as a user would run it."""
     return subprocess.run([sys.executable, "-m", "senet_pl", *args], cwd=cwd, capture_output=True, text=True, timeout=300)

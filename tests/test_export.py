@@ -17,26 +17,16 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 ort = pytest.importorskip("onnxruntime")
 
-from conftest import N_TEST, REPO, TINY, make_dataset, mixed_folder  # noqa: E402
+from conftest import N_TEST, REPO, TINY, cli, make_dataset, mixed_folder  # noqa: E402
 
 from senet_pl import export as export_module  # noqa: E402
 from senet_pl.checkpoints import load_checkpoint  # noqa: E402
-from senet_pl.cli import main  # noqa: E402
 from senet_pl.data import MNISTDataModule  # noqa: E402
 from senet_pl.export import TOLERANCE  # noqa: E402
 from senet_pl.infer import MARKER, METADATA_KEY  # noqa: E402
 from senet_pl.model import SEResNet  # noqa: E402
 
 RUN = Path("lightning_logs/mnist/version_0")
-
-
-def cli(*args: str) -> str | None:
-    """``python -m senet_pl ARGS`` in-process; the error message, or None on success."""
-    try:
-        main(list(args))
-    except SystemExit as exit_:
-        return str(exit_.code) if exit_.code else None
-    return None
 
 
 @pytest.fixture(scope="module")

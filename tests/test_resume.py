@@ -8,24 +8,14 @@ import pytest
 import torch
 import torchvision
 import yaml
-from conftest import N_TEST, TINY, make_dataset
+from conftest import N_TEST, TINY, cli, make_dataset
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 
 from senet_pl.checkpoints import load_checkpoint
-from senet_pl.cli import main
 from senet_pl.model import SEResNet
 from senet_pl.untrusted import fits
 
 RUN = Path("lightning_logs/mnist/version_0")
-
-
-def cli(*args: str) -> str | None:
-    """``python -m senet_pl ARGS`` in-process; the error message, or None on success."""
-    try:
-        main(list(args))
-    except SystemExit as exit_:
-        return str(exit_.code) if exit_.code else None
-    return None
 
 
 @pytest.fixture(scope="module")
