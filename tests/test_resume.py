@@ -1,5 +1,6 @@
 """What a checkpoint may tell the CLI (nothing it names is imported), and what may change when it is used."""
 
+import os
 import shutil
 from pathlib import Path
 from typing import Literal
@@ -29,12 +30,27 @@ def one_epoch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cwd
 
 
+def _link_checkpoints(src: str, dst: str) -> None:
+    """Checkpoints (130 MB each) as hard links: the CLI replaces them, never writes into them; the rest copied."""
+    if src.endswith(".ckpt"):
+        os.link(src, dst)
+    else:
+        shutil.copy2(src, dst)
+
+
 @pytest.fixture
 def run_copy(one_epoch: Path, tmp_path: Path) -> Path:
-    """A private copy of the 1-epoch run in the test's own folder (the current directory)."""
+    """A private copy of the 1-epoch run in the test's own folder (the current directory). Tests that change
+    a checkpoint go through ``rewrite``, which breaks the link first."""
     shutil.copytree(one_epoch / "data", tmp_path / "data")
-    shutil.copytree(one_epoch / "lightning_logs", tmp_path / "lightning_logs")
+    shutil.copytree(one_epoch / "lightning_logs", tmp_path / "lightning_logs", copy_function=_link_checkpoints)
     return tmp_path / RUN / "checkpoints" / "last.ckpt"
+
+
+def rewrite(path: Path, obj: object) -> None:
+    """``torch.save(obj, path)`` into a new file (``path`` may be a hard link to the shared run)."""
+    path.unlink()
+    torch.save(obj, path)
 
 
 # -- a checkpoint never makes the program import or run anything ----------------------------------
@@ -206,7 +222,7 @@ def test_mid_epoch_resume_refuses_another_number_of_processes(run_copy: Path) ->
     _mid_epoch(run_copy)
     ckpt = load_checkpoint(run_copy)
     ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["world_size"] = 2
-    torch.save(ckpt, run_copy)
+    rewrite(run_copy, ckpt)
     message = cli("fit", *TINY, "--trainer.max_epochs=2", "--ckpt_path=last")
     assert message is not None and "1 process(es), but the checkpoint stopped mid-epoch with 2" in message, message
 
@@ -281,7 +297,7 @@ def test_a_checkpoint_cannot_make_a_resumed_run_delete_a_file(run_copy: Path, tm
     state = _best_state(ckpt)
     outside = f"{state['dirpath']}/../../../../victim.txt"  # relative, as Lightning stores its own paths
     state.update(best_k_models={outside: torch.tensor(-1.0)}, kth_best_model_path=outside, kth_value=torch.tensor(-1.0))
-    torch.save(ckpt, run_copy)
+    rewrite(run_copy, ckpt)
     message = cli("fit", *TINY, "--trainer.max_epochs=3", "--ckpt_path=last")
     assert message is not None and f"refused {run_copy.relative_to(tmp_path)}: its callbacks state names the file" in message
     assert victim.read_text() == "keep me"
@@ -292,7 +308,7 @@ def test_best_is_only_looked_for_beside_last(run_copy: Path, tmp_path: Path) -> 
     shutil.copy(run_copy, elsewhere)
     ckpt = load_checkpoint(run_copy)
     _best_state(ckpt)["best_model_path"] = str(elsewhere)
-    torch.save(ckpt, run_copy)
+    rewrite(run_copy, ckpt)
     message = cli("test", *TINY, "--ckpt_path=best")
     assert message is not None and "records no best checkpoint that still exists beside it" in message
 
@@ -319,7 +335,7 @@ def test_malformed_checkpoints_get_one_line(run_copy: Path, tmp_path: Path, dama
 
 
 def test_a_last_ckpt_that_is_no_dict_is_one_line_for_best(run_copy: Path) -> None:
-    torch.save(torch.zeros(3), run_copy)
+    rewrite(run_copy, torch.zeros(3))
     message = cli("test", *TINY, "--ckpt_path=best")
     assert message is not None and "records no best checkpoint" in message
 
