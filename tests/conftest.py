@@ -81,7 +81,7 @@ FULL_EPOCHS = [a for a in TINY if not a.startswith("--trainer.limit_train_batche
 
 # Tests that use these fixtures, or live in these modules, train models or run the CLI: marked slow.
 SLOW_FIXTURES = {"trained", "one_epoch", "run_copy", "uninterrupted", "uninterrupted_short"}
-SLOW_MODULES = {"test_checkpoints", "test_ddp", "test_bench", "test_study", "test_cli", "test_resume"}
+SLOW_MODULES = {"test_checkpoints", "test_ddp", "test_bench", "test_study", "test_cli", "test_resume", "test_export"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
