@@ -66,6 +66,8 @@ def reconcile(info: CheckpointInfo, cfg: Any, explicit: Any, subcommand: str,
 
     # The position in the epoch counts batches of the checkpoint's size, in the order its seed drew.
     trained = {"batch_size": info.data.get("batch_size"), "seed": info.position.get("seed")}
+    if trained["batch_size"] is not None and _get(_get(explicit, "data"), "batch_size") is None:
+        cfg.data.batch_size = trained["batch_size"]  # left out: the checkpoint's (a default is no choice)
     if fit and info.mid_epoch:
         batch_size, seed = cfg.data.batch_size, _seed(cfg)
         if trained["batch_size"] is not None and batch_size != trained["batch_size"]:
@@ -74,8 +76,6 @@ def reconcile(info: CheckpointInfo, cfg: Any, explicit: Any, subcommand: str,
         if trained["seed"] is not None and seed is not None and seed != trained["seed"]:
             lines.append(f"--seed_everything {seed}, but the checkpoint stopped mid-epoch in the order of seed "
                          f"{trained['seed']} (change it at an epoch boundary only)")
-    elif trained["batch_size"] is not None and _get(_get(explicit, "data"), "batch_size") is None:
-        cfg.data.batch_size = trained["batch_size"]
     return lines
 
 

@@ -157,8 +157,10 @@ def check_structure(path: str, ckpt: dict) -> None:
     for name, state in ckpt.get("callbacks", {}).items():
         if not isinstance(state, dict):
             raise CheckpointError(f"refused {path}: its callbacks state {short(name)} is not a dict.")
-        folder = state.get("dirpath")
-        files = [state.get(key) for key in CHECKPOINT_FILES] + list(state.get("best_k_models") or {})
+        folder, best_k = state.get("dirpath"), state.get("best_k_models") or {}
+        if not isinstance(best_k, dict):
+            raise CheckpointError(f"refused {path}: its callbacks state {short(name)} is not what fit writes.")
+        files = [state.get(key) for key in CHECKPOINT_FILES] + list(best_k)
         for file in (f for f in files if f):
             if not isinstance(file, str) or not isinstance(folder, str) or not _inside(file, folder):
                 raise CheckpointError(

@@ -357,3 +357,29 @@ def test_optimizer_conflicts_say_when_the_value_is_a_default(run_copy: Path) -> 
     assert "--model.depth 34, but the checkpoint has 18" in message  # shape and optimizer conflicts together
     assert "lr 0.1 (not given: the default)" not in message  # the default optimizer is the recipes' now
     assert f"--config {run_copy.parent.parent / 'config.yaml'}" in message
+
+
+def test_a_batch_size_left_out_is_the_checkpoints_even_mid_epoch() -> None:
+    """Only a batch size the user gave can conflict with a mid-epoch position; a default is replaced."""
+    from jsonargparse import Namespace
+
+    from senet_pl.data import MNISTDataModule
+    from senet_pl.resume import reconcile
+    from senet_pl.untrusted import CheckpointInfo
+
+    info = CheckpointInfo("x.ckpt", "lightning", data={"batch_size": 8}, position={"epoch": 1, "batches_done": 1})
+    cfg = Namespace(data=Namespace(dataset="mnist", batch_size=128), seed_everything=True)
+    assert reconcile(info, cfg, Namespace(), "fit", MNISTDataModule.data_shape) == []
+    assert cfg.data.batch_size == 8
+    cfg.data.batch_size = 16
+    given = Namespace(data=Namespace(batch_size=16))
+    (line,) = reconcile(info, cfg, given, "fit", MNISTDataModule.data_shape)
+    assert line.startswith("--data.batch_size 16, but the checkpoint stopped mid-epoch with batch size 8")
+
+
+def test_a_tracker_state_of_the_wrong_shape_is_refused(run_copy: Path) -> None:
+    ckpt = load_checkpoint(run_copy)
+    _best_state(ckpt)["best_k_models"] = 7
+    rewrite(run_copy, ckpt)
+    message = cli("fit", *TINY, "--trainer.max_epochs=2", "--ckpt_path=last")
+    assert message is not None and "is not what fit writes" in message and "\n" not in message, message
