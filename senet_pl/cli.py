@@ -24,27 +24,28 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as L
+import torch
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from senet_pl.callbacks.excitation import ExcitationAnalysis
 from senet_pl.callbacks.figures import TensorBoardFigures
 from senet_pl.callbacks.last import EarlySignals, GracefulStop, Interrupted, LatestCheckpoint
 from senet_pl.callbacks.predictions import PredictionWriter
+from senet_pl.callbacks.summary import RunSummary
 from senet_pl.checkpoints import AtomicCheckpointIO, CheckpointError, as_lightning_checkpoint
-from senet_pl.compat import LightningCLIHooks
+from senet_pl.export import ExportError
+from senet_pl.compat import LightningCLIHooks, quiet
 from senet_pl.data import DataError, MNISTDataModule
-from senet_pl.export import ExportError, Format, export_checkpoint
-from senet_pl.gates import se_blocks
 from senet_pl.model import MIN_IMAGE_SIZE
 from senet_pl.module import NonFiniteLossError, SEResNetClassifier
 from senet_pl.precision import resolve_precision
 from senet_pl.resume import reconcile, training_conflicts, weight_mismatch
 from senet_pl.runs import CLIError, find_checkpoint, remove_new_folders
+from senet_pl.schedule import ScheduleError
+from senet_pl.trainer import Trainer
 from senet_pl.untrusted import CheckpointInfo, read_checkpoint
 
 MAX_SEED = 2**32 - 1  # numpy's limit, which seed_everything passes the seed to
@@ -65,34 +66,6 @@ class ShortErrorParser(LightningArgumentParser):
         pass
 
 
-class Trainer(L.Trainer):
-    """Lightning's Trainer plus the ``analyze`` and ``export`` subcommands."""
-
-    def analyze(self, model: SEResNetClassifier, datamodule: MNISTDataModule, ckpt_path: str | None = None) -> None:
-        """Excitation analysis (paper Sec. 7.2, Fig. 6): mean SE gates per class over the test split.
-
-        Args:
-            ckpt_path: the trained model: a checkpoint path, or "best"/"last" for the newest run's.
-        """
-        if not ckpt_path:
-            raise CLIError("analyze needs a trained model: add --ckpt_path PATH (or best / last).")
-        if not se_blocks(model.model):
-            raise CLIError(f"{ckpt_path} is a plain ResNet (se: false): it has no SE gates to analyze.")
-        self.callbacks.append(ExcitationAnalysis(datamodule.short_class_names))
-        self.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
-
-    def export(self, model: SEResNetClassifier, datamodule: MNISTDataModule, ckpt_path: str | None = None,
-               format: Format = "onnx", out: str | None = None) -> None:
-        """The model with its preprocessing as ONNX or .pt2, checked against PyTorch first (``export.py``).
-
-        Args:
-            ckpt_path: the trained model: a checkpoint path, or "best"/"last" for the newest run's.
-            format: "onnx" (torch.onnx's dynamo exporter) or "pt2" (torch.export.save).
-            out: the file to write (default: the checkpoint's path with the format's suffix).
-        """
-        export_checkpoint(model, datamodule, ckpt_path, format, out)
-
-
 class SENetCLI(LightningCLIHooks):
     def __init__(self, graceful_stop: GracefulStop | None = None, **kwargs) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})  # resuming writes into the same run folder
@@ -102,7 +75,8 @@ class SENetCLI(LightningCLIHooks):
         self.graceful_stop = graceful_stop or GracefulStop()
         self.ckpt_info: CheckpointInfo | None = None  # the checked --ckpt_path, once resolved
         self.conflicts: list[str] = []  # between it and the command line
-        callbacks = [LearningRateMonitor(), PredictionWriter(), TensorBoardFigures(), self.graceful_stop]
+        self.summary = RunSummary()
+        callbacks = [LearningRateMonitor(), PredictionWriter(), TensorBoardFigures(), self.graceful_stop, self.summary]
         kwargs.setdefault("trainer_defaults", {"callbacks": callbacks})
         kwargs.setdefault("trainer_class", Trainer)
         super().__init__(SEResNetClassifier, MNISTDataModule, **kwargs)
@@ -122,6 +96,7 @@ class SENetCLI(LightningCLIHooks):
             "checkpoint.save_last": False,  # last.ckpt comes from last_checkpoint (LatestCheckpoint)
             "checkpoint.filename": "best-epoch{epoch:02d}-acc{val/acc:.4f}",
             "checkpoint.auto_insert_metric_name": False,
+            "trainer.log_every_n_steps": 10,  # train/loss and train/lr: Lightning's 50 shows a 100-step warm-up as 2 points
             "trainer.logger": {
                 "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                 # No placeholder "hp_metric": TensorBoardFigures writes the HParams view with the real metrics.
@@ -199,11 +174,19 @@ class SENetCLI(LightningCLIHooks):
                         f"{folder} is a file, but the TensorBoard logger keeps its runs in that folder: move the file "
                         "away, or choose another --trainer.logger.init_args.save_dir (or .name)."
                     )
-        cfg.trainer.precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+        asked = cfg.trainer.precision
+        cfg.trainer.precision = resolve_precision(asked, cfg.trainer.accelerator)
+        if cfg.trainer.precision != asked:
+            where = "this GPU has no native bf16" if cfg.trainer.precision == "16-mixed" else "this CPU has no bf16 (AVX512-BF16 or AMX)"
+            print(f"precision: {asked} asked, but {where}: using {cfg.trainer.precision} (set --trainer.precision to choose).",
+                  file=sys.stderr)
 
     def after_instantiate_classes(self) -> None:
         if self.trainer is not None and type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        # One image of the data's shape: the model summary then shows input/output shapes and FLOPs.
+        size = self.datamodule.hparams.image_size
+        self.model.example_input_array = torch.zeros(1, self.datamodule.in_channels, size, size)
 
     def _refuse_conflicts(self) -> None:
         if self.conflicts:
@@ -242,10 +225,22 @@ class SENetCLI(LightningCLIHooks):
         given = self.explicit.get("fit")
         defaults = {part: given is None or given.get(f"model.{part}") is None for part in ("optimizer", "lr_scheduler")}
         self.conflicts += training_conflicts(info, optimizers, [s["scheduler"] for s in schedulers],
-                                             self.trainer.world_size, defaults)
+                                             self.trainer.world_size, defaults, self.model.length_from_run)
         self._check_weights()
 
     before_validate = before_test = before_predict = before_analyze = before_export = _check_weights
+
+    def after_fit(self) -> None:
+        if self.trainer.is_global_zero:
+            latest = [c.saved for c in self.trainer.checkpoint_callbacks if isinstance(c, LatestCheckpoint) and c.saved]
+            config = Path(self.trainer.log_dir) / "config.yaml" if self.trainer.log_dir else None
+            print("\n".join(self.summary.fit_lines(self.trainer, config, Path(latest[0][0]) if latest else None)))
+
+    def _after_evaluation(self) -> None:
+        if self.trainer.is_global_zero:
+            print(self.summary.eval_line(self.trainer, self.subcommand, self.config[self.subcommand].get("ckpt_path")))
+
+    after_validate = after_test = after_analyze = _after_evaluation
 
     def run_subcommand(self, subcommand: str) -> None:
         """Run it; on a failure before any training step, remove the run folders it created (no empty
@@ -289,9 +284,10 @@ def main(args: list[str] | None = None) -> None:
         sys.argv[0] = "python -m senet_pl"  # so that messages name the command that was typed
     # Until a Trainer handles them, SIGINT and SIGTERM stop at once with a message, not a traceback or a silent kill.
     previous = EarlySignals().install()
+    quiet()
     try:
         SENetCLI(args=args)
-    except (CLIError, DataError, CheckpointError, ExportError, NonFiniteLossError) as err:
+    except (CLIError, DataError, CheckpointError, ExportError, NonFiniteLossError, ScheduleError) as err:
         sys.exit(f"error: {err}")
     except Stopped as stop:
         print(stop, file=sys.stderr)

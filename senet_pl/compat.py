@@ -3,6 +3,8 @@
 ``tests/test_compat.py`` has a test per name.
 """
 
+import logging
+import warnings
 from typing import Any
 
 import lightning.pytorch as L
@@ -43,3 +45,30 @@ class LightningCLIHooks(LightningCLI):
 
     def run_subcommand(self, subcommand: str) -> None:
         LightningCLI._run_subcommand(self, subcommand)
+
+
+# Lightning messages a user of this CLI cannot act on (each was seen in a run of Lightning 2.6):
+UNACTIONABLE_INFO = (
+    "💡 Tip:",  # an advertisement for another logger
+    "Loading `train_dataloader` to estimate number of stepping batches.",  # the schedule's length (schedule.py)
+)
+UNACTIONABLE_WARNINGS = (
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # inside Lightning's own _pytree, on torch 2.14
+    r"Precision .* is not supported by the model summary",  # the summary's size estimate; the run is unaffected
+    r"Couldn't infer the batch indices",  # the prediction writer gets them from the data module
+)
+
+
+class _DropInfo(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(UNACTIONABLE_INFO)
+
+
+def quiet() -> None:
+    """Silence the Lightning messages above; every other message and warning is kept."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropInfo) for f in logger.filters):
+            logger.addFilter(_DropInfo())
+    for message in UNACTIONABLE_WARNINGS:
+        warnings.filterwarnings("ignore", message=f".*{message}")

@@ -1,20 +1,21 @@
 """The training system: an SEResNet trained with cross-entropy, as a LightningModule."""
 
 import inspect
+import math
 from collections.abc import Iterable
+from typing import Literal
 
 import lightning.pytorch as L
 import torch
 import torch.nn.functional as F
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch.optim.lr_scheduler import LinearLR
+from lightning.pytorch.utilities import rank_zero_info
+from torch.optim.lr_scheduler import ChainedScheduler, ReduceLROnPlateau
 from torchmetrics.classification import MulticlassAccuracy
 
+from senet_pl.schedule import build_schedule, ramp, resize, warmup
 from senet_pl.model import Depth, SEResNet, Stem
-
-
-
 
 class NonFiniteLossError(ArithmeticError):
     """The training loss became NaN or infinite."""
@@ -44,6 +45,7 @@ class SEResNetClassifier(L.LightningModule):
             p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, fused=True
         ),
         lr_scheduler: LRSchedulerCallable | None = None,
+        lr_interval: Literal["step", "epoch"] = "step",
         warmup_steps: NonNegativeInt = 0,
     ) -> None:
         """
@@ -61,10 +63,13 @@ class SEResNetClassifier(L.LightningModule):
                 the first steps are slow while it compiles. Off by default: see the README's benchmark.
             optimizer: the optimizer, built from the model's parameters (default: the recipes' SGD, lr 0.1,
                 Nesterov momentum 0.9, weight decay 5e-4, fused: one kernel for the whole update).
-            lr_scheduler: optional learning-rate schedule, stepped once per epoch.
+            lr_scheduler: optional learning-rate schedule (a torch scheduler, or senet_pl.schedule.CosineAnnealingLR).
+                A length argument left out (T_max, total_steps) is the run's, from the trainer: the last step
+                trains at the schedule's end value, whatever max_epochs, max_steps or limit_train_batches say.
+            lr_interval: step lr_scheduler after every optimizer step ("step": its lengths count steps) or
+                after every epoch ("epoch": they count epochs).
             warmup_steps: raise the learning rate linearly from 1% to its full value over this many
-                optimizer steps first (torch's LinearLR, stepped every batch; lr_scheduler's factor
-                applies on top of it).
+                optimizer steps first (torch's LinearLR, chained with lr_scheduler: their factors multiply).
         """
         super().__init__()
         # The optimizer and schedule are callables, not plain values: they are kept out of the
@@ -72,6 +77,8 @@ class SEResNetClassifier(L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
+        # the scheduler whose length is the run's (set by configure_optimizers)
+        self.length_from_run: torch.optim.lr_scheduler.LRScheduler | None = None
         self.model = SEResNet(depth, stem, in_channels, num_classes, se, reduction)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
@@ -121,11 +128,43 @@ class SEResNetClassifier(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = self.optimizer(self.parameters())
-        schedulers = []
-        if self.hparams.warmup_steps:
-            warmup = LinearLR(optimizer, start_factor=0.01, total_iters=self.hparams.warmup_steps)
-            schedulers.append({"scheduler": warmup, "interval": "step", "name": "lr-warmup"})
-        if self.lr_scheduler is not None:
-            # PyTorch's schedulers are chainable: each multiplies the learning rate by its own factor.
-            schedulers.append({"scheduler": self.lr_scheduler(optimizer), "interval": "epoch"})
-        return ([optimizer], schedulers) if schedulers else optimizer
+        interval = self.hparams.lr_interval
+        ramp_up = warmup(optimizer, self.hparams.warmup_steps)
+        steps = self.schedule_steps() if self.lr_scheduler is not None else None
+        main, self.length_from_run = build_schedule(self.lr_scheduler, optimizer, steps)
+        plateau = isinstance(main, ReduceLROnPlateau)
+        if ramp_up is not None and main is not None and interval == "step" and not plateau:
+            # One schedule and one logged rate: the warm-up's and the schedule's factors multiply.
+            ramp_up, main = None, ChainedScheduler([ramp_up, main], optimizer)
+        configs = []
+        if ramp_up is not None:
+            configs.append({"scheduler": ramp_up, "interval": "step", "name": "train/lr"})
+        if main is not None:
+            name = "train/lr" if not configs else f"train/lr-{type(main).__name__}"
+            configs.append({"scheduler": main, "interval": "epoch" if plateau else interval, "name": name}
+                           | ({"monitor": "val/loss"} if plateau else {}))
+        return ([optimizer], configs) if configs else optimizer
+
+    def schedule_steps(self) -> int | float | None:
+        """How many times the schedule steps in this run (optimizer steps, or epochs with lr_interval "epoch");
+        None without a trainer (a schedule built only to be compared with a checkpoint's)."""
+        try:
+            trainer = self.trainer
+        except RuntimeError:
+            return None
+        steps = trainer.estimated_stepping_batches
+        if self.hparams.lr_interval == "epoch" and steps != float("inf"):
+            per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+            return math.ceil(steps / max(per_epoch, 1))
+        return steps
+
+    def on_train_start(self) -> None:
+        # A resumed run has the checkpoint's schedule by now: it must span this run (see schedule.py).
+        if self.length_from_run is not None:
+            steps = self.schedule_steps()
+            built = resize(self.length_from_run, steps, ramp(self.global_step, self.hparams.warmup_steps))
+            if built is not None:
+                rank_zero_info(
+                    f"The learning-rate schedule was built for {built} steps; from step {self.length_from_run.last_epoch} "
+                    f"on it follows the curve of this run's {steps}."
+                )

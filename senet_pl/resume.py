@@ -17,7 +17,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.optim.lr_scheduler import ChainedScheduler
 
+from senet_pl.schedule import LENGTHS
 from senet_pl.untrusted import CheckpointInfo, short
 
 MODEL_SHAPE = ("depth", "stem", "se", "reduction")
@@ -85,7 +87,8 @@ def _seed(cfg: Any) -> int | None:
 
 
 def training_conflicts(info: CheckpointInfo, optimizers: list[torch.optim.Optimizer], schedulers: list,
-                       world_size: int, defaults: dict[str, bool] | None = None) -> list[str]:
+                       world_size: int, defaults: dict[str, bool] | None = None,
+                       length_from_run: object = None) -> list[str]:
     """For a resumed fit: the configured optimizer and schedule against the states in the checkpoint (which
     Lightning restores over them), and the number of processes against a mid-epoch position. ``defaults`` says
     which of "optimizer" and "lr_scheduler" the user did not give (the lines then say so)."""
@@ -110,7 +113,10 @@ def training_conflicts(info: CheckpointInfo, optimizers: list[torch.optim.Optimi
                 if _differ(mine, theirs):
                     lines.append(f"--model.optimizer.init_args.{key} {mine}{note['optimizer']}, but the checkpoint's "
                                  f"{name} has {theirs}")
-    saved_schedulers = info.raw.get("lr_schedulers") or []
+    # A chained schedule (warm-up and cosine) is compared part by part.
+    schedulers = [part for s in schedulers for part in (s._schedulers if isinstance(s, ChainedScheduler) else [s])]
+    saved_schedulers = [part for s in info.raw.get("lr_schedulers") or []
+                        for part in (s.get("_schedulers") if isinstance(s, dict) and isinstance(s.get("_schedulers"), list) else [s])]
     if len(schedulers) != len(saved_schedulers):
         names = ", ".join(type(s).__name__ for s in schedulers) or "none"
         lines.append(f"the config's schedule has {len(schedulers)} scheduler(s) ({names}; --model.warmup_steps and "
@@ -123,6 +129,8 @@ def training_conflicts(info: CheckpointInfo, optimizers: list[torch.optim.Optimi
                              "scheduler is of another kind")
                 continue
             arguments = set(inspect.signature(type(scheduler).__init__).parameters) - {"self", "optimizer", "last_epoch", "verbose"}
+            if scheduler is length_from_run:
+                arguments -= set(LENGTHS)  # the run's length, which may change (schedule.stretch)
             for key in sorted(arguments & set(mine)):
                 if _differ(mine[key], saved[key]):
                     lines.append(f"{type(scheduler).__name__} {key} {mine[key]}{note['lr_scheduler']}, but the checkpoint's "

@@ -116,6 +116,15 @@ def cli(*args: str) -> str | None:
     return None
 
 
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """The TensorBoard scalars of a run folder: tag -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
 def run(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     """``python -m senet_pl ARGS`` in CWD, as a user would run it."""
     return subprocess.run([sys.executable, "-m", "senet_pl", *args], cwd=cwd, capture_output=True, text=True, timeout=300)

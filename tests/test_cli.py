@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import N_TEST, REPO, TINY, make_dataset, mixed_folder, run
+from conftest import N_TEST, REPO, TINY, make_dataset, mixed_folder, run, scalars
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
@@ -15,12 +15,6 @@ CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 RECIPES = [c for c in CONFIGS if c.name != "no_se.yaml"]  # no_se.yaml is an override
 
 
-def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    events = EventAccumulator(str(run_dir))
-    events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder in which ``python -m senet_pl fit`` ran for 2 tiny epochs on synthetic data."""
@@ -28,6 +22,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     make_dataset(cwd / "data", compress=True)  # as downloaded by hand: .gz files only
     result = run(cwd, "fit", *TINY, "--trainer.max_epochs=2")
     assert result.returncode == 0, result.stderr[-3000:]
+    (cwd / "fit.out").write_text(result.stdout)
+    (cwd / "fit.err").write_text(result.stderr)
     return cwd
 
 
@@ -38,7 +34,7 @@ def test_fit_writes_checkpoints_config_and_tensorboard_curves(trained: Path) -> 
     assert any(name.startswith("best-epoch") for name in checkpoints)
     assert (run_dir / "config.yaml").is_file()
     curves = scalars(run_dir)
-    for key in ("train/loss", "train/acc", "val/loss", "val/acc", "lr-SGD"):
+    for key in ("train/loss", "train/acc", "val/loss", "val/acc", "train/lr"):
         assert key in curves, sorted(curves)
     assert len(curves["train/loss"]) == 6  # 2 epochs x 3 steps
     assert len(curves["val/acc"]) == 2
@@ -351,3 +347,72 @@ def test_runs_that_fail_before_their_first_step_leave_no_run_folder(
         main(["fit", *TINY, *args])
     assert expected in str(exit_.value.code)
     assert not list(tmp_path.glob("lightning_logs/*/version_*"))  # nothing for --ckpt_path last|best|auto to pick
+
+
+@pytest.mark.parametrize("form", ["argv", "yaml"])
+def test_an_integer_limit_is_a_number_of_batches(data_root: Path, tmp_path: Path, form: str) -> None:
+    """``--trainer.limit_val_batches 1`` is one batch (Lightning's own signature would read 1.0: all of them);
+    1.0 stays a fraction. Tried on a real fit: 80 training images in batches of 8, 16 validation images."""
+    from senet_pl.cli import SENetCLI
+
+    limits = {"limit_train_batches": "2", "limit_val_batches": "1", "limit_test_batches": "1.0"}
+    base = [a for a in TINY if not a.startswith("--trainer.limit_")] + ["--trainer.max_epochs=1"]
+    if form == "argv":
+        extra = [x for key, value in limits.items() for x in (f"--trainer.{key}", value)]
+    else:
+        (tmp_path / "limits.yaml").write_text("trainer:\n" + "".join(f"  {k}: {v}\n" for k, v in limits.items()))
+        extra = [f"--config={tmp_path / 'limits.yaml'}"]
+    cli = SENetCLI(args=["fit", *base, *extra])
+    trainer = cli.trainer
+    assert (trainer.limit_train_batches, trainer.limit_val_batches) == (2, 1)
+    assert type(trainer.limit_val_batches) is int and trainer.limit_test_batches == 1.0
+    assert type(trainer.limit_test_batches) is float
+    assert trainer.num_training_batches == 2 and trainer.num_val_batches == [1]
+    assert trainer.global_step == 2
+
+
+def test_fit_ends_with_a_summary_whose_next_command_works(trained: Path) -> None:
+    out = (trained / "fit.out").read_text()
+    run_dir = "lightning_logs/mnist/version_0"
+    assert "fit done: 2 epoch(s), step 6 (6 in this run) in " in out and " training images/s." in out, out[-2000:]
+    best = next(line for line in out.splitlines() if line.startswith("best checkpoint (val/acc "))
+    assert best.split(": ", 1)[1].startswith(f"{run_dir}/checkpoints/best-epoch")
+    assert f"last checkpoint: {run_dir}/checkpoints/last.ckpt" in out
+    assert "curves: tensorboard --logdir lightning_logs/mnist" in out
+    next_command = next(line for line in out.splitlines() if line.startswith("next: python -m senet_pl test "))
+    args = next_command.split()[4:]
+    assert args[:3] == ["test", "--config", f"{run_dir}/config.yaml"]
+    result = run(trained, *args[:-2], "--trainer.limit_test_batches=2", "--trainer.enable_progress_bar=false", *args[-2:])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"test done of {args[-1]}: test/acc " in result.stdout
+
+
+def test_a_run_prints_no_message_a_user_cannot_act_on(trained: Path) -> None:
+    printed = (trained / "fit.out").read_text() + (trained / "fit.err").read_text()
+    for noise in ("Tip:", "litlogger", "LeafSpec", "not supported by the model summary", "Loading `train_dataloader`"):
+        assert noise not in printed, noise
+    assert "GPU available" in printed  # Lightning's own lines are kept
+
+
+def test_the_model_summary_shows_shapes_and_flops(data_root: Path) -> None:
+    from lightning.pytorch.utilities.model_summary import ModelSummary
+
+    from senet_pl.cli import SENetCLI
+
+    cli = SENetCLI(args=[*TINY, "--data.image_size=32"], run=False)
+    summary = ModelSummary(cli.model)
+    assert tuple(cli.model.example_input_array.shape) == (1, 1, 32, 32)
+    assert summary.total_flops > 0 and summary.in_sizes[0] == [1, 1, 32, 32]
+
+
+def test_a_changed_precision_is_said_in_one_line(data_root: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from senet_pl.cli import SENetCLI
+
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
+    cli = SENetCLI(args=[*TINY, "--trainer.precision=bf16-mixed"], run=False)
+    assert cli.config.trainer.precision == "32-true"
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("precision:")]
+    assert lines == ["precision: bf16-mixed asked, but this CPU has no bf16 (AVX512-BF16 or AMX): using 32-true "
+                     "(set --trainer.precision to choose)."]
+    SENetCLI(args=[*TINY, "--trainer.precision=32-true"], run=False)
+    assert "precision:" not in capsys.readouterr().err

@@ -9,11 +9,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "senet_pl"
 
 # Floors, bottom up: a module may import from its own floor or below, never from above.
 FLOORS = {
-    "senet_pl.files": 0, "senet_pl.model": 0, "senet_pl.gates": 0, "senet_pl.precision": 0, "senet_pl.images": 0,
+    "senet_pl.files": 0, "senet_pl.schedule": 0, "senet_pl.model": 0, "senet_pl.gates": 0, "senet_pl.precision": 0, "senet_pl.images": 0,
     "senet_pl.compat": 0, "senet_pl.plots": 0, "senet_pl.infer": 0,
     "senet_pl.module": 1, "senet_pl.data": 1, "senet_pl.checkpoints": 1,
     "senet_pl.callbacks": 2, "senet_pl.export": 2,
-    "senet_pl.untrusted": 3, "senet_pl.resume": 3, "senet_pl.runs": 3, "senet_pl.cli": 3, "senet_pl.__main__": 3, "senet_pl": 3,
+    "senet_pl.untrusted": 3, "senet_pl.resume": 3, "senet_pl.runs": 3, "senet_pl.cli": 3, "senet_pl.trainer": 3, "senet_pl.__main__": 3, "senet_pl": 3,
     "senet_pl.tools": 4,
 }
 

@@ -1,5 +1,6 @@
 """What a checkpoint may tell the CLI (nothing it names is imported), and what may change when it is used."""
 
+import math
 import os
 import shutil
 from pathlib import Path
@@ -9,7 +10,7 @@ import pytest
 import torch
 import torchvision
 import yaml
-from conftest import N_TEST, TINY, cli, make_dataset
+from conftest import N_TEST, TINY, cli, make_dataset, scalars
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 
 from senet_pl.checkpoints import load_checkpoint
@@ -150,7 +151,8 @@ def test_fits_accepts_plain_values_of_the_declared_type_only(value, annotation, 
         (["--model.warmup_steps=5"], "--model.warmup_steps 5, but the checkpoint has 100"),
         (["--model.optimizer.init_args.lr=0.01"], "--model.optimizer.init_args.lr 0.01, but the checkpoint's SGD has 0.1"),
         (["--model.optimizer=Adam"], "--model.optimizer Adam, but the checkpoint's optimizer has other settings"),
-        (["--model.lr_scheduler.init_args.T_max=5"], "CosineAnnealingLR T_max 5, but the checkpoint's has 15"),
+        (["--model.lr_scheduler.init_args.T_max=5"], "CosineAnnealingLR T_max 5, but the checkpoint's has 2"),
+        (["--model.lr_scheduler.init_args.eta_min=0.01"], "CosineAnnealingLR eta_min 0.01, but the checkpoint's has 0.0"),
         (["--model.lr_scheduler=null"], "the config's schedule has 1 scheduler(s) (LinearLR"),
     ],
 )
@@ -182,6 +184,19 @@ def test_resume_may_change_these(run_copy: Path, changes: list) -> None:
     assert config["trainer"]["max_epochs"] == 2
     for _, (section, key, value) in changes:  # config.yaml describes what ran
         assert (config[section] if section else config)[key] == value, key
+
+
+def test_a_longer_resumed_run_follows_the_cosine_of_its_new_length(run_copy: Path) -> None:
+    """The 1-epoch run (3 steps, its cosine at 0 at step 2) resumed for 3 epochs: from step 3 on, the rate is
+    that of a 9-step run (the recipe's 100-step warm-up times a cosine with T_max 8), and the last step is at 0."""
+    assert cli("fit", *TINY, "--trainer.max_epochs=3", "--ckpt_path=last") is None
+    lrs = dict(scalars(run_copy.parent.parent)["train/lr"])
+    assert sorted(lrs) == list(range(9))
+    assert lrs[2] == pytest.approx(0.0, abs=1e-12)  # the first run's end
+    for step in range(3, 9):
+        ramp = 0.01 + 0.99 * step / 100
+        assert lrs[step] == pytest.approx(0.1 * ramp * (1 + math.cos(math.pi * step / 8)) / 2, rel=1e-5, abs=1e-9), step
+    assert lrs[8] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_values_left_out_are_taken_from_the_checkpoint(run_copy: Path, tmp_path: Path) -> None:

@@ -1,0 +1,57 @@
+"""What a command did, in a few lines at its end: where the results are and what to run next."""
+
+import time
+from pathlib import Path
+
+import lightning.pytorch as L
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+
+class RunSummary(Callback):
+    """Counts the training images and the wall time of ``fit``; ``fit_lines`` and ``eval_line`` describe the run."""
+
+    def __init__(self) -> None:
+        self.started: float | None = None
+        self.seconds = 0.0
+        self.images = 0
+        self.start_step = 0
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.started, self.images = time.perf_counter(), 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start_step = trainer.global_step  # after a resume: the checkpoint's
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        self.images += len(batch[0]) * trainer.world_size
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.seconds = time.perf_counter() - self.started
+
+    def fit_lines(self, trainer: L.Trainer, config: Path | None, last: Path | None) -> list[str]:
+        """The end of ``fit``: the best and last checkpoints, epochs, steps, time, speed and the next command."""
+        steps = trainer.global_step - self.start_step
+        speed = f", {self.images / self.seconds:,.0f} training images/s" if self.seconds and self.images else ""
+        lines = [f"fit done: {trainer.current_epoch} epoch(s), step {trainer.global_step} ({steps} in this run) "
+                 f"in {self.seconds:.1f} s{speed}."]
+        best = next((c for c in trainer.checkpoint_callbacks if type(c) is ModelCheckpoint), None)
+        if best is not None and best.best_model_path:
+            score = f" ({best.monitor} {best.best_model_score:.4f})" if best.best_model_score is not None else ""
+            lines.append(f"best checkpoint{score}: {best.best_model_path}")
+        if last is not None:
+            lines.append(f"last checkpoint: {last}")
+        if best is not None and best.best_model_path:
+            given = f"--config {config} " if config is not None and config.is_file() else ""
+            lines.append(f"next: python -m senet_pl test {given}--ckpt_path {best.best_model_path}")
+        if trainer.log_dir:
+            lines.append(f"curves: tensorboard --logdir {Path(trainer.log_dir).parent}")
+        return lines
+
+    @staticmethod
+    def eval_line(trainer: L.Trainer, subcommand: str, ckpt_path: str | None) -> str:
+        """The end of test, validate, predict and analyze: what was evaluated and where it was logged."""
+        metrics = {k: v for k, v in trainer.callback_metrics.items() if k.endswith("/acc")}
+        shown = ", ".join(f"{k} {float(v):.4f}" for k, v in sorted(metrics.items()))
+        where = f"; logged to {trainer.log_dir}" if trainer.log_dir else ""
+        model = f" of {ckpt_path}" if ckpt_path else ""
+        return f"{subcommand} done{model}" + (f": {shown}" if shown and subcommand in ("test", "validate") else "") + where
