@@ -113,6 +113,14 @@ class SENetCLI(LightningCLIHooks):
         else:
             self.explicit = parser.parse_args(args, defaults=False)
         subcommand = self.config.get("subcommand")
+        cfg = self.config[subcommand] if subcommand else self.config
+        logger = cfg.trainer.logger
+        # Plain-ResNet runs of a recipe get their own run name (mnist_no_se), so that --ckpt_path best of the
+        # recipe never picks one of them, nor they an SE-ResNet.
+        if cfg.model.se is False and isinstance(logger, Namespace) and logger.class_path.endswith("TensorBoardLogger"):
+            name = logger.init_args.get("name") or ""
+            if "no_se" not in name:
+                logger.init_args.name = f"{name}_no_se" if name else "no_se"
         seed = self.config[subcommand].get("seed_everything") if subcommand else self.config.get("seed_everything")
         if type(seed) is int and not 0 <= seed <= MAX_SEED:
             raise CLIError(f"--seed_everything {seed} is out of range: use a seed from 0 to {MAX_SEED} (or true for a random one).")

@@ -281,7 +281,19 @@ def test_no_se_override_turns_se_off(capsys: pytest.CaptureFixture) -> None:
         main(["fit", f"--config={REPO / 'configs/mnist.yaml'}", f"--config={REPO / 'configs/no_se.yaml'}",
               "--print_config"])
     printed = capsys.readouterr().out
-    assert "  se: false" in printed and "name: no_se" in printed
+    assert "  se: false" in printed  # (--print_config exits while parsing, before the run name gets _no_se)
+
+
+@pytest.mark.parametrize("recipe", ["mnist", "fashion_mnist"])
+def test_plain_runs_are_named_after_their_recipe(data_root: Path, recipe: str) -> None:
+    """--ckpt_path best of one recipe never picks the plain ResNet of another (or of the same) recipe."""
+    from senet_pl.cli import SENetCLI
+
+    args = [*TINY, f"--config={REPO / 'configs' / f'{recipe}.yaml'}"]
+    plain = SENetCLI(args=[*args, f"--config={REPO / 'configs/no_se.yaml'}"], run=False)
+    assert plain.trainer.logger.name == f"{recipe}_no_se" and plain.model.hparams.se is False
+    assert SENetCLI(args=[*args, "--model.se=false", "--trainer.logger.init_args.name=mine"], run=False).trainer.logger.name == "mine_no_se"
+    assert SENetCLI(args=args, run=False).trainer.logger.name == recipe
 
 
 def test_seed_224_is_the_tutorial_recipe(capsys: pytest.CaptureFixture) -> None:

@@ -5,7 +5,7 @@ for several seeds with one recipe, tests each run's final weights on the officia
 and writes a Markdown table: test accuracy mean +/- standard deviation over the seeds,
 parameters, forward FLOPs per image (``torch.utils.flop_counter``), training images/s.
 Every run goes through the project's CLI (``fit`` then ``test``) and logs to TensorBoard as
-``lightning_logs/study_<dataset>/<variant>_seed<N>``.
+``lightning_logs/study_<dataset>/<variant>_seed<N>`` (the plain ResNet's in ``study_<dataset>_no_se``).
 """
 
 import os
@@ -95,7 +95,6 @@ def study(
         f"--data.val_size={val_size}",
         "--data.download=false",
         f"--trainer.max_epochs={epochs}",
-        f"--model.lr_scheduler.init_args.T_max={epochs}",
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
         "--checkpoint.save_top_k=0",  # only last.ckpt: a study writes many runs
