@@ -10,7 +10,7 @@ import torch
 import torchvision
 import yaml
 from conftest import N_TEST, TINY, cli, make_dataset
-from jsonargparse.typing import NonNegativeInt, PositiveInt
+from jsonargparse.typing import ClosedUnitInterval, NonNegativeInt, OpenUnitInterval, PositiveFloat, PositiveInt
 
 from senet_pl.checkpoints import load_checkpoint
 from senet_pl.model import SEResNet
@@ -127,6 +127,16 @@ def test_class_paths_in_a_checkpoint_are_refused_and_never_imported(
         (2.5, float, True),
         ({"class_path": "os.system"}, str | None, False),
         (["a"], str, False),
+        (0.1, ClosedUnitInterval, True),
+        (1.5, ClosedUnitInterval, False),
+        ("0.1", ClosedUnitInterval, False),
+        (None, OpenUnitInterval | None, True),
+        (1.0, OpenUnitInterval | None, False),
+        ([0.02, 0.33], tuple[ClosedUnitInterval, ClosedUnitInterval], True),  # a tuple comes back as a list
+        ((0.02, 0.33), tuple[ClosedUnitInterval, ClosedUnitInterval], True),
+        ([0.02, 2.0], tuple[ClosedUnitInterval, ClosedUnitInterval], False),
+        ([0.02], tuple[ClosedUnitInterval, ClosedUnitInterval], False),
+        ({"class_path": "os.system"}, tuple[PositiveFloat, PositiveFloat], False),
     ],
 )
 def test_fits_accepts_plain_values_of_the_declared_type_only(value, annotation, expected: bool) -> None:
