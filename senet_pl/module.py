@@ -6,7 +6,7 @@ from collections.abc import Iterable
 import lightning.pytorch as L
 import torch
 import torch.nn.functional as F
-from jsonargparse.typing import NonNegativeInt, PositiveInt
+from jsonargparse.typing import ClosedUnitInterval, NonNegativeInt, PositiveInt
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch.optim.lr_scheduler import LinearLR
 from torchmetrics.classification import MulticlassAccuracy
@@ -45,6 +45,8 @@ class SEResNetClassifier(L.LightningModule):
         ),
         lr_scheduler: LRSchedulerCallable | None = None,
         warmup_steps: NonNegativeInt = 0,
+        label_smoothing: ClosedUnitInterval = 0.0,
+        test_hflip: bool = False,
     ) -> None:
         """
         Args:
@@ -65,6 +67,10 @@ class SEResNetClassifier(L.LightningModule):
             warmup_steps: raise the learning rate linearly from 1% to its full value over this many
                 optimizer steps first (torch's LinearLR, stepped every batch; lr_scheduler's factor
                 applies on top of it).
+            label_smoothing: smooth the training loss's targets by this much (F.cross_entropy's label_smoothing);
+                the val/test loss stays the plain cross-entropy. 0 turns it off.
+            test_hflip: test-time augmentation for ``test``: classify each image by the mean of its logits and
+                those of its mirror image. Off by default (a mirrored digit is not the same digit).
         """
         super().__init__()
         # The optimizer and schedule are callables, not plain values: they are kept out of the
@@ -85,10 +91,17 @@ class SEResNetClassifier(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x.contiguous(memory_format=self.memory_format))
 
+    def test_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits ``test`` scores: with test_hflip, the mean of the images' and their mirror images'."""
+        if not self.hparams.test_hflip:
+            return self(x)
+        return (self(x) + self(x.flip(-1))) / 2
+
     def _step(self, batch: list[torch.Tensor], stage: str) -> torch.Tensor:
         x, y = batch
-        logits = self(x)
-        loss = F.cross_entropy(logits, y)
+        logits = self.test_logits(x) if stage == "test" else self(x)
+        smoothing = self.hparams.label_smoothing if stage == "train" else 0.0
+        loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
         acc = getattr(self, f"{stage}_acc")
         acc(logits, y)
         # Training loss per step (its epoch mean would be renamed train/loss_epoch); the rest per epoch.

@@ -4,6 +4,8 @@ from pathlib import Path
 import lightning.pytorch as L
 import pytest
 import torch
+import torch.nn.functional as F
+from conftest import synthetic_split
 
 from senet_pl.data import MNISTDataModule
 from senet_pl.module import SEResNetClassifier
@@ -37,3 +39,55 @@ def test_warmup_ramps_per_step_then_the_epoch_schedule_takes_over(data_root: Pat
         return 0.1 * ramp * (1 + math.cos(math.pi * epoch / 3)) / 2  # cosine, one value per epoch
 
     assert lrs.seen == pytest.approx([expected(step) for step in range(9)], rel=1e-6)
+
+
+def _batch() -> list[torch.Tensor]:
+    """8 synthetic images, normalized as the data module does, and their labels."""
+    images, labels = synthetic_split(8, seed=3)
+    return [(torch.from_numpy(images).float().unsqueeze(1) / 255 - 0.1307) / 0.3081, torch.from_numpy(labels).long()]
+
+
+def _logged(module: SEResNetClassifier) -> dict:
+    """What the module's steps log (name -> value), without a Trainer."""
+    logged = {}
+    module.log = lambda name, value, **kwargs: logged.__setitem__(name, value)
+    return logged
+
+
+def test_label_smoothing_changes_the_training_loss_by_the_analytic_amount_and_nothing_else() -> None:
+    torch.manual_seed(0)
+    eps = 0.1
+    module = SEResNetClassifier(label_smoothing=eps).eval()  # eval: every step sees the same logits
+    logged = _logged(module)
+    x, y = _batch()
+    with torch.no_grad():
+        module.model.fc.bias.copy_(torch.linspace(-3, 3, 10))  # far from uniform, as an untrained model's are not
+        log_p = module(x).log_softmax(dim=1)
+        nll = -log_p.gather(1, y[:, None]).mean()  # the plain cross-entropy
+        uniform = -log_p.mean(dim=1).mean()  # the cross-entropy against the uniform distribution
+        module.training_step([x, y], 0)
+        module.validation_step([x, y], 0)
+        module.test_step([x, y], 0)
+    assert abs(uniform - nll) > 0.5  # so that smoothing makes a visible difference
+    # (1 - eps) of the true class's target plus eps spread over all classes (F.cross_entropy's label_smoothing)
+    assert logged["train/loss"].item() == pytest.approx(((1 - eps) * nll + eps * uniform).item(), rel=1e-5)
+    assert logged["val/loss"].item() == pytest.approx(nll.item(), rel=1e-5)  # evaluation: the plain loss
+    assert logged["test/loss"].item() == pytest.approx(nll.item(), rel=1e-5)
+
+
+def test_flip_tta_scores_the_mean_of_the_plain_and_mirrored_logits_in_test_only() -> None:
+    torch.manual_seed(0)
+    module = SEResNetClassifier(test_hflip=True).eval()
+    logged = _logged(module)
+    x, y = _batch()
+    with torch.no_grad():
+        plain, mirrored = module(x), module(x.flip(-1))
+        torch.testing.assert_close(module.test_logits(x), (plain + mirrored) / 2)
+        module.test_step([x, y], 0)
+        module.validation_step([x, y], 0)
+        probabilities = module.predict_step([x, y], 0)
+    assert not torch.allclose(plain, mirrored)  # the mirror images do get other logits
+    assert logged["test/loss"].item() == pytest.approx(F.cross_entropy((plain + mirrored) / 2, y).item(), rel=1e-5)
+    assert module.test_acc.compute() == ((plain + mirrored).argmax(dim=1) == y).float().mean()
+    assert logged["val/loss"].item() == pytest.approx(F.cross_entropy(plain, y).item(), rel=1e-5)  # val: plain
+    torch.testing.assert_close(probabilities, plain.softmax(dim=1))  # predict: plain

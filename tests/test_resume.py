@@ -179,6 +179,9 @@ ALLOWED = [  # option, the value config.yaml must then record (section, key, val
     ("--model.channels_last=false", ("model", "channels_last", False)),
     ("--trainer.precision=32-true", ("trainer", "precision", "32-true")),
     ("--data.translate=0", ("data", "translate", 0)),
+    ("--data.hflip=true", ("data", "hflip", True)),
+    ("--data.erasing=0.25", ("data", "erasing", 0.25)),
+    ("--model.label_smoothing=0.1", ("model", "label_smoothing", 0.1)),
     ("--last_checkpoint.every_n_train_steps=1", ("last_checkpoint", "every_n_train_steps", 1)),
 ]
 
