@@ -6,11 +6,13 @@ from collections.abc import Iterable
 import lightning.pytorch as L
 import torch
 import torch.nn.functional as F
-from jsonargparse.typing import ClosedUnitInterval, NonNegativeInt, PositiveInt
+from jsonargparse.typing import ClosedUnitInterval, NonNegativeInt, OpenUnitInterval, PositiveInt
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch.optim.lr_scheduler import LinearLR
 from torchmetrics.classification import MulticlassAccuracy
 
+from senet_pl.ema import EMA
 from senet_pl.model import Depth, SEResNet, Stem
 
 
@@ -46,6 +48,7 @@ class SEResNetClassifier(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         warmup_steps: NonNegativeInt = 0,
         label_smoothing: ClosedUnitInterval = 0.0,
+        ema_decay: OpenUnitInterval | None = None,
         test_hflip: bool = False,
     ) -> None:
         """
@@ -69,6 +72,9 @@ class SEResNetClassifier(L.LightningModule):
                 applies on top of it).
             label_smoothing: smooth the training loss's targets by this much (F.cross_entropy's label_smoothing);
                 the val/test loss stays the plain cross-entropy. 0 turns it off.
+            ema_decay: keep an exponential moving average of the weights with this decay per optimizer step
+                (Lightning's EMAWeightAveraging); validation, the checkpoints' weights and so test, predict,
+                analyze and export use the average. None turns it off; fixed for a resumed run.
             test_hflip: test-time augmentation for ``test``: classify each image by the mean of its logits and
                 those of its mirror image. Off by default (a mirrored digit is not the same digit).
         """
@@ -131,6 +137,12 @@ class SEResNetClassifier(L.LightningModule):
     def predict_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Class probabilities, (N, num_classes)."""
         return self(batch[0]).float().softmax(dim=1)
+
+    def configure_callbacks(self) -> list[Callback]:
+        """The weight average (``ema.py``) when ema_decay is set. It acts in fit only, but is there in every command
+        so that a checkpoint's EMA state is recognized (test, predict ... load its ``state_dict``: the average)."""
+        decay = self.hparams.ema_decay
+        return [EMA(decay=decay)] if decay is not None else []
 
     def configure_optimizers(self):
         optimizer = self.optimizer(self.parameters())

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import synthetic_split
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from senet_pl.data import MNISTDataModule
 from senet_pl.module import SEResNetClassifier
@@ -91,3 +92,48 @@ def test_flip_tta_scores_the_mean_of_the_plain_and_mirrored_logits_in_test_only(
     assert module.test_acc.compute() == ((plain + mirrored).argmax(dim=1) == y).float().mean()
     assert logged["val/loss"].item() == pytest.approx(F.cross_entropy(plain, y).item(), rel=1e-5)  # val: plain
     torch.testing.assert_close(probabilities, plain.softmax(dim=1))  # predict: plain
+
+
+class Weights(L.Callback):
+    """The classifier layer's weights when each training step ends, and as validation and test see them."""
+
+    def __init__(self) -> None:
+        self.trained, self.validated, self.tested = [], [], []
+
+    @staticmethod
+    def _fc(pl_module: L.LightningModule) -> torch.Tensor:
+        return pl_module.model.fc.weight.detach().clone()
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        self.trained.append(self._fc(pl_module))
+
+    def on_validation_batch_start(self, trainer, pl_module, *args) -> None:
+        self.validated.append(self._fc(pl_module))
+
+    def on_test_batch_start(self, trainer, pl_module, *args) -> None:
+        self.tested.append(self._fc(pl_module))
+
+
+@pytest.mark.slow
+def test_ema_weights_are_what_validation_checkpoints_and_test_use(data_root: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = SEResNetClassifier(optimizer=lambda p: torch.optim.SGD(p, lr=0.1), ema_decay=0.5)
+    seen = Weights()
+    limits = {"accelerator": "cpu", "limit_train_batches": 3, "limit_val_batches": 1, "limit_test_batches": 1,
+              "num_sanity_val_steps": 0, "logger": False, "enable_progress_bar": False, "enable_model_summary": False,
+              "default_root_dir": tmp_path}
+    trainer = L.Trainer(max_epochs=1, callbacks=[seen, ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="end")], **limits)
+    dm = MNISTDataModule(data_dir=str(data_root), batch_size=8, val_size=16, download=False)
+    trainer.fit(module, datamodule=dm)
+    ckpt = torch.load(tmp_path / "ckpt" / "end.ckpt", weights_only=True)
+    average, raw = ckpt["state_dict"]["model.fc.weight"], ckpt["current_model_state"]["model.fc.weight"]
+    w1, w2, w3 = seen.trained
+    assert torch.equal(raw, w3)  # the training weights, kept for resuming
+    torch.testing.assert_close(average, 0.5 * (0.5 * w1 + 0.5 * w2) + 0.5 * w3)  # the EMA of the 3 steps
+    assert not torch.equal(average, raw)
+    assert torch.equal(seen.validated[-1], average)  # val/acc (and so the best checkpoint) is the average's
+    trainer.test(module, datamodule=dm, ckpt_path=tmp_path / "ckpt" / "end.ckpt")  # the Trainer that ran fit
+    assert torch.equal(seen.tested[-1], average)
+    L.Trainer(callbacks=[seen], **limits).test(SEResNetClassifier(ema_decay=0.5), datamodule=dm,
+                                               ckpt_path=tmp_path / "ckpt" / "end.ckpt")
+    assert torch.equal(seen.tested[-1], average)

@@ -162,6 +162,7 @@ def test_fits_accepts_plain_values_of_the_declared_type_only(value, annotation, 
         (["--model.optimizer=Adam"], "--model.optimizer Adam, but the checkpoint's optimizer has other settings"),
         (["--model.lr_scheduler.init_args.T_max=5"], "CosineAnnealingLR T_max 5, but the checkpoint's has 15"),
         (["--model.lr_scheduler=null"], "the config's schedule has 1 scheduler(s) (LinearLR"),
+        (["--model.ema_decay=0.9"], "--model.ema_decay 0.9, but the checkpoint has None"),
     ],
 )
 def test_resume_refuses_what_it_would_silently_ignore(run_copy: Path, args: list[str], line: str) -> None:
