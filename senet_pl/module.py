@@ -8,14 +8,17 @@ from typing import Literal
 import lightning.pytorch as L
 import torch
 import torch.nn.functional as F
-from jsonargparse.typing import NonNegativeInt, PositiveInt
+from jsonargparse.typing import ClosedUnitInterval, NonNegativeInt, OpenUnitInterval, PositiveInt
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch.optim.lr_scheduler import ChainedScheduler, ReduceLROnPlateau
 from torchmetrics.classification import MulticlassAccuracy
 
-from senet_pl.schedule import build_schedule, ramp, resize, warmup
+from senet_pl.ema import EMA
 from senet_pl.model import Depth, SEResNet, Stem
+from senet_pl.schedule import build_schedule, ramp, resize, warmup
+
 
 class NonFiniteLossError(ArithmeticError):
     """The training loss became NaN or infinite."""
@@ -47,6 +50,9 @@ class SEResNetClassifier(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_interval: Literal["step", "epoch"] = "step",
         warmup_steps: NonNegativeInt = 0,
+        label_smoothing: ClosedUnitInterval = 0.0,
+        ema_decay: OpenUnitInterval | None = None,
+        test_hflip: bool = False,
     ) -> None:
         """
         Args:
@@ -70,6 +76,13 @@ class SEResNetClassifier(L.LightningModule):
                 after every epoch ("epoch": they count epochs).
             warmup_steps: raise the learning rate linearly from 1% to its full value over this many
                 optimizer steps first (torch's LinearLR, chained with lr_scheduler: their factors multiply).
+            label_smoothing: smooth the training loss's targets by this much (F.cross_entropy's label_smoothing);
+                the val/test loss stays the plain cross-entropy. 0 turns it off.
+            ema_decay: keep an exponential moving average of the weights with this decay per optimizer step
+                (Lightning's EMAWeightAveraging); validation, the checkpoints' weights and so test, predict,
+                analyze and export use the average. None turns it off; fixed for a resumed run.
+            test_hflip: test-time augmentation for ``test``: classify each image by the mean of its logits and
+                those of its mirror image. Off by default (a mirrored digit is not the same digit).
         """
         super().__init__()
         # The optimizer and schedule are callables, not plain values: they are kept out of the
@@ -92,10 +105,17 @@ class SEResNetClassifier(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x.contiguous(memory_format=self.memory_format))
 
+    def test_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits ``test`` scores: with test_hflip, the mean of the images' and their mirror images'."""
+        if not self.hparams.test_hflip:
+            return self(x)
+        return (self(x) + self(x.flip(-1))) / 2
+
     def _step(self, batch: list[torch.Tensor], stage: str) -> torch.Tensor:
         x, y = batch
-        logits = self(x)
-        loss = F.cross_entropy(logits, y)
+        logits = self.test_logits(x) if stage == "test" else self(x)
+        smoothing = self.hparams.label_smoothing if stage == "train" else 0.0
+        loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
         acc = getattr(self, f"{stage}_acc")
         acc(logits, y)
         # Training loss per step (its epoch mean would be renamed train/loss_epoch); the rest per epoch.
@@ -125,6 +145,12 @@ class SEResNetClassifier(L.LightningModule):
     def predict_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Class probabilities, (N, num_classes)."""
         return self(batch[0]).float().softmax(dim=1)
+
+    def configure_callbacks(self) -> list[Callback]:
+        """The weight average (``ema.py``) when ema_decay is set. It acts in fit only, but is there in every command
+        so that a checkpoint's EMA state is recognized (test, predict ... load its ``state_dict``: the average)."""
+        decay = self.hparams.ema_decay
+        return [EMA(decay=decay)] if decay is not None else []
 
     def configure_optimizers(self):
         optimizer = self.optimizer(self.parameters())

@@ -24,7 +24,7 @@ from senet_pl.untrusted import CheckpointInfo, short
 
 MODEL_SHAPE = ("depth", "stem", "se", "reduction")
 DATA_MEANING = ("dataset", "image_size")
-FIT_FIXED = {"model": ("warmup_steps",), "data": ("val_size", "split_seed")}
+FIT_FIXED = {"model": ("warmup_steps", "ema_decay"), "data": ("val_size", "split_seed")}
 # Optimizer settings that change what training does (implementation switches such as fused may change).
 OPTIMIZER_SETTINGS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "betas", "eps", "alpha",
                       "amsgrad", "maximize", "centered", "lr_decay", "rho", "lambd", "decoupled_weight_decay")

@@ -41,6 +41,8 @@ class Trainer(L.Trainer):
             raise CLIError("analyze needs a trained model: add --ckpt_path PATH (or best / last).")
         if not se_blocks(model.model):
             raise CLIError(f"{ckpt_path} is a plain ResNet (se: false): it has no SE gates to analyze.")
+        if model.hparams.test_hflip:  # the gates of the mirror images would overwrite those of the images
+            raise CLIError("analyze records the gates of each image as it is: leave out --model.test_hflip.")
         self.callbacks.append(ExcitationAnalysis(datamodule.short_class_names))
         self.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
 

@@ -45,27 +45,32 @@ def settings(cls: type, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
 
 
 def fits(value: Any, annotation: Any) -> bool:
-    """Whether a plain value is of the annotated type (Literal, Optional/Union, bool, int with jsonargparse's
-    restrictions such as PositiveInt, float, str). Anything else, including Any, is not accepted."""
+    """Whether a plain value is of the annotated type (Literal, Optional/Union, bool, int and float with
+    jsonargparse's restrictions such as PositiveInt or ClosedUnitInterval, str, fixed-length tuples of these).
+    Anything else, including Any, is not accepted."""
     origin = typing.get_origin(annotation)
     if origin is Literal:
         return any(value == a and type(value) is type(a) for a in typing.get_args(annotation))
     if origin in (Union, types.UnionType):
         return any(fits(value, a) for a in typing.get_args(annotation))
+    if origin is tuple:
+        items = typing.get_args(annotation)
+        return (type(value) in (tuple, list) and len(value) == len(items) and Ellipsis not in items
+                and all(fits(v, a) for v, a in zip(value, items)))
     if annotation is type(None):
         return value is None
     if annotation is bool or annotation is str:
         return type(value) is annotation
-    if annotation is float:
-        return type(value) in (int, float)
-    if isinstance(annotation, type) and issubclass(annotation, int):
-        if type(value) is not int:
-            return False
-        try:
-            annotation(value)  # PositiveInt, NonNegativeInt: raise outside their range
-        except ValueError:
-            return False
-        return True
+    numbers = {int: (int,), float: (int, float)}
+    for kind, accepted in numbers.items():
+        if isinstance(annotation, type) and issubclass(annotation, kind):
+            if type(value) not in accepted:
+                return False
+            try:
+                annotation(value)  # PositiveInt, ClosedUnitInterval ...: raise outside their range
+            except ValueError:
+                return False
+            return True
     return False
 
 
@@ -132,7 +137,9 @@ def read_checkpoint(path: str, model_cls: type, data_cls: type) -> CheckpointInf
 
 # What Lightning reads from a checkpoint besides the settings, and the type each must have.
 STRUCTURE = {"epoch": int, "global_step": int, "pytorch-lightning_version": str, "state_dict": dict, "loops": dict,
-             "callbacks": dict, "optimizer_states": list, "lr_schedulers": list}
+             "callbacks": dict, "optimizer_states": list, "lr_schedulers": list,
+             # with --model.ema_decay (EMAWeightAveraging): the training weights and the average's step count
+             "current_model_state": dict, "averaging_state": dict}
 # ModelCheckpoint's state: files it may delete when it saves a better one. They must lie in its own folder.
 CHECKPOINT_FILES = ("best_model_path", "kth_best_model_path", "last_model_path")
 

@@ -372,3 +372,40 @@ def test_a_signal_while_parsing_stops_before_any_work(
     err = capsys.readouterr().err
     assert "stopped before any work; nothing was written" in err and "Traceback" not in err
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# -- weight EMA (--model.ema_decay) -------------------------------------------------------------------
+
+EMA_RUN = [*TINY, "--trainer.deterministic=true", "--trainer.max_epochs=2", "--model.ema_decay=0.9"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_ema(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """last.ckpt of an uninterrupted EMA run: 2 epochs of 3 steps."""
+    cwd = tmp_path_factory.mktemp("uninterrupted_ema")
+    make_dataset(cwd / "data")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(cwd)
+        fit(*EMA_RUN)
+    return cwd / CHECKPOINTS / "last.ckpt"
+
+
+@pytest.mark.parametrize(("stop", "step"), [("mid-epoch", 4), ("SIGTERM in validation", 3)])
+def test_a_resumed_ema_run_ends_equal_to_an_uninterrupted_one(
+    tmp_path: Path, uninterrupted_ema: Path, capsys: pytest.CaptureFixture, stop: str, step: int
+) -> None:
+    make_dataset(tmp_path / "data")
+    last = CHECKPOINTS / "last.ckpt"
+    if stop == "mid-epoch":
+        fit(*EMA_RUN, "--trainer.max_steps=4", "--last_checkpoint.every_n_train_steps=2")
+    else:  # the average is swapped in while validating: last.ckpt must still hold it as the average
+        code, stderr = _signalled(capsys, "validation", signal.SIGTERM, "fit", *EMA_RUN)
+        assert code == 143, stderr[-2000:]
+    assert load_checkpoint(last)["global_step"] == step
+    fit(*[a for a in EMA_RUN if not a.startswith("--model.ema_decay")], "--ckpt_path=last")  # left out: the checkpoint's
+    ended, expected = load_checkpoint(last), load_checkpoint(uninterrupted_ema)
+    for key in ("state_dict", "current_model_state"):  # the average, and the training weights
+        different = [k for k in expected[key] if not torch.equal(ended[key][k], expected[key][k])]
+        assert not different, (key, different)
+    assert ended["averaging_state"]["n_averaged"] == 6  # one update per step, none lost or repeated
+    assert not torch.equal(expected["state_dict"]["model.fc.weight"], expected["current_model_state"]["model.fc.weight"])

@@ -170,6 +170,13 @@ def test_analyze_needs_a_checkpoint_with_se(trained: Path, tmp_path: Path) -> No
     assert conflict.returncode == 1 and "--model.se True, but the checkpoint has False" in conflict.stderr
 
 
+def test_analyze_refuses_flip_tta(trained: Path) -> None:
+    """The gates of the mirror images would overwrite those of the images themselves."""
+    result = run(trained, "analyze", *TINY, "--ckpt_path=last", "--model.test_hflip=true")
+    assert result.returncode == 1 and "leave out --model.test_hflip" in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+
+
 def test_resume_from_last_continues_the_same_run(tmp_path: Path) -> None:
     make_dataset(tmp_path / "data")
     # Monitoring the epoch number in "min" mode makes epoch 0 the best for ever: last.ckpt must

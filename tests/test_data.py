@@ -7,12 +7,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from torchvision.transforms import v2
 from conftest import N_TEST, N_TRAIN, make_dataset, synthetic_split, write_idx
 
 from senet_pl.data import DATASETS, DataError, MNISTDataModule
 from senet_pl.data.memory import data_device
 from senet_pl.data.sampler import EpochBatchSampler
-from senet_pl.data.transforms import random_translate, resize_bilinear
+from senet_pl.data.transforms import Erasing, random_erasing, random_hflip, random_translate, resize_bilinear, transform_batch
 
 
 def _module(root: Path, **kwargs) -> MNISTDataModule:
@@ -97,6 +98,78 @@ def test_random_translate_shifts_all_channels_alike_and_fills_with_zeros() -> No
         expected = torch.zeros(28, 28)
         expected[max(dy, 0) : 28 + min(dy, 0), max(dx, 0) : 28 + min(dx, 0)] = 1.0
         assert torch.equal(image[1], expected), (dy, dx)
+
+
+def _normalized(x: torch.Tensor) -> torch.Tensor:
+    return (x.float() / 255 - 0.1307) / 0.3081
+
+
+def test_shifts_alone_draw_what_they_drew_before_flips_and_erasing_existed() -> None:
+    """Runs without the new switches stay bitwise the same (their checkpoints resume exactly)."""
+    x = torch.randint(0, 256, (16, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    out = transform_batch(x, 0.1307, 0.3081, 28, translate=2, seed=11, hflip=False, erasing=Erasing(p=0.0))
+    shifted = random_translate(x.float() / 255, 2, torch.Generator().manual_seed(11))
+    assert torch.equal(out, (shifted - 0.1307) / 0.3081)
+
+
+def test_flips_mirror_whole_images_about_half_of_them_and_leave_the_shifts_alone() -> None:
+    x = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    shifted = transform_batch(x, 0.1307, 0.3081, 28, translate=2, seed=5)
+    flipped = transform_batch(x, 0.1307, 0.3081, 28, translate=2, seed=5, hflip=True)
+    mirrored = [bool(torch.equal(f, s.flip(-1))) for f, s in zip(flipped, shifted)]
+    kept = [bool(torch.equal(f, s)) for f, s in zip(flipped, shifted)]
+    assert all(m or k for m, k in zip(mirrored, kept))  # each image is its shifted self or its mirror image
+    assert 16 <= sum(mirrored) <= 48  # p = 1/2, per image
+    assert torch.equal(random_hflip(x, torch.Generator().manual_seed(1)), random_hflip(x, torch.Generator().manual_seed(1)))
+
+
+def _rectangle(mask: torch.Tensor) -> tuple[int, int, int, int] | None:
+    """(top, left, height, width) of the True pixels of a 2-d mask if they fill a rectangle, else None."""
+    rows, cols = mask.any(1).nonzero()[:, 0], mask.any(0).nonzero()[:, 0]
+    if not len(rows):
+        return None
+    top, left, h, w = int(rows[0]), int(cols[0]), int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
+    assert mask.sum() == h * w and mask[top : top + h, left : left + w].all(), "not one filled rectangle"
+    return top, left, h, w
+
+
+@pytest.mark.parametrize("scale", [(0.02, 0.33), (0.3, 0.6)])  # torchvision's default; one where many draws do not fit
+def test_random_erasing_draws_rectangles_as_torchvision_does(scale: tuple[float, float]) -> None:
+    n, erasing = 2000, Erasing(p=1.0, scale=scale, ratio=(0.3, 3.3), value=-5.0)
+    x = torch.ones(n, 1, 28, 28)
+    out = random_erasing(x, erasing, torch.Generator().manual_seed(0))
+    boxes = [_rectangle(image[0] == -5.0) for image in out]
+    assert torch.equal(out[out != -5.0], torch.ones(int((out != -5.0).sum())))  # the rest is untouched
+    ours = torch.tensor([h * w / 784 for _, _, h, w in boxes if h])
+    assert len(ours) > 0.97 * n  # p = 1: every image, but where no attempt fits (rare at these settings)
+    assert ours.min() >= scale[0] * 0.8 and ours.max() <= scale[1] * 1.2  # the scale range, up to rounding the sides
+    torch.manual_seed(0)
+    reference = v2.RandomErasing(p=1.0, scale=erasing.scale, ratio=erasing.ratio, value=-5.0)
+    theirs = torch.tensor([p["h"] * p["w"] / 784 for p in (reference.make_params([x[0]]) for _ in range(n))
+                           if p["v"] is not None])
+    assert ours.mean().item() == pytest.approx(theirs.mean().item(), rel=0.02)  # the same distribution of areas
+    assert max(max(h, w) for _, _, h, w in boxes) < 28  # a rectangle that does not fit is drawn again, never cut
+    centres = torch.tensor([(t + h / 2, l + w / 2) for t, l, h, w in boxes if h])
+    assert centres.mean(0).tolist() == pytest.approx([14.0, 14.0], abs=0.5)  # placed uniformly
+    half = random_erasing(x, Erasing(p=0.5), torch.Generator().manual_seed(1))
+    assert 0.45 * n <= (half == 0.0).flatten(1).any(1).sum() <= 0.55 * n
+
+
+def test_flips_and_erasing_follow_the_batch_seed_and_spare_evaluation(data_root: Path) -> None:
+    dm = _module(data_root, translate=0, hflip=True, erasing=0.5)
+    dm.setup("fit")
+    dm.trainer = SimpleNamespace(training=True, world_size=1, global_rank=0, precision="32-true")
+    (x, _, seed), (_, _, other) = list(dm.train_dataloader())[:2]
+    first = dm.transform_batch(x, training=True, seed=seed)
+    assert torch.equal(dm.transform_batch(x, training=True, seed=seed), first)  # the same seed: the same batch
+    assert not torch.equal(dm.transform_batch(x, training=True, seed=other), first)  # the next batch's seed: other draws
+    assert not torch.equal(first, _normalized(x))
+    assert torch.equal(dm.transform_batch(x, training=False, seed=seed), _normalized(x))  # val/test: untouched
+
+
+def test_erasing_ranges_must_be_min_max(data_root: Path) -> None:
+    with pytest.raises(DataError, match=r"--data.erasing_scale \[0.3, 0.1\]"):
+        _module(data_root, erasing_scale=(0.3, 0.1))
 
 
 @pytest.mark.parametrize("size", [224, 64, 29, 16])

@@ -5,6 +5,9 @@ from pathlib import Path
 import lightning.pytorch as L
 import pytest
 import torch
+import torch.nn.functional as F
+from conftest import synthetic_split
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from senet_pl.data import MNISTDataModule
 from senet_pl import schedule
@@ -91,3 +94,100 @@ def test_only_a_cosine_is_resized_to_a_resumed_runs_length() -> None:
         optimizer.step()
         cosine.step()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # at the new end
+
+
+def _batch() -> list[torch.Tensor]:
+    """8 synthetic images, normalized as the data module does, and their labels."""
+    images, labels = synthetic_split(8, seed=3)
+    return [(torch.from_numpy(images).float().unsqueeze(1) / 255 - 0.1307) / 0.3081, torch.from_numpy(labels).long()]
+
+
+def _logged(module: SEResNetClassifier) -> dict:
+    """What the module's steps log (name -> value), without a Trainer."""
+    logged = {}
+    module.log = lambda name, value, **kwargs: logged.__setitem__(name, value)
+    return logged
+
+
+def test_label_smoothing_changes_the_training_loss_by_the_analytic_amount_and_nothing_else() -> None:
+    torch.manual_seed(0)
+    eps = 0.1
+    module = SEResNetClassifier(label_smoothing=eps).eval()  # eval: every step sees the same logits
+    logged = _logged(module)
+    x, y = _batch()
+    with torch.no_grad():
+        module.model.fc.bias.copy_(torch.linspace(-3, 3, 10))  # far from uniform, as an untrained model's are not
+        log_p = module(x).log_softmax(dim=1)
+        nll = -log_p.gather(1, y[:, None]).mean()  # the plain cross-entropy
+        uniform = -log_p.mean(dim=1).mean()  # the cross-entropy against the uniform distribution
+        module.training_step([x, y], 0)
+        module.validation_step([x, y], 0)
+        module.test_step([x, y], 0)
+    assert abs(uniform - nll) > 0.5  # so that smoothing makes a visible difference
+    # (1 - eps) of the true class's target plus eps spread over all classes (F.cross_entropy's label_smoothing)
+    assert logged["train/loss"].item() == pytest.approx(((1 - eps) * nll + eps * uniform).item(), rel=1e-5)
+    assert logged["val/loss"].item() == pytest.approx(nll.item(), rel=1e-5)  # evaluation: the plain loss
+    assert logged["test/loss"].item() == pytest.approx(nll.item(), rel=1e-5)
+
+
+def test_flip_tta_scores_the_mean_of_the_plain_and_mirrored_logits_in_test_only() -> None:
+    torch.manual_seed(0)
+    module = SEResNetClassifier(test_hflip=True).eval()
+    logged = _logged(module)
+    x, y = _batch()
+    with torch.no_grad():
+        plain, mirrored = module(x), module(x.flip(-1))
+        torch.testing.assert_close(module.test_logits(x), (plain + mirrored) / 2)
+        module.test_step([x, y], 0)
+        module.validation_step([x, y], 0)
+        probabilities = module.predict_step([x, y], 0)
+    assert not torch.allclose(plain, mirrored)  # the mirror images do get other logits
+    assert logged["test/loss"].item() == pytest.approx(F.cross_entropy((plain + mirrored) / 2, y).item(), rel=1e-5)
+    assert module.test_acc.compute() == ((plain + mirrored).argmax(dim=1) == y).float().mean()
+    assert logged["val/loss"].item() == pytest.approx(F.cross_entropy(plain, y).item(), rel=1e-5)  # val: plain
+    torch.testing.assert_close(probabilities, plain.softmax(dim=1))  # predict: plain
+
+
+class Weights(L.Callback):
+    """The classifier layer's weights when each training step ends, and as validation and test see them."""
+
+    def __init__(self) -> None:
+        self.trained, self.validated, self.tested = [], [], []
+
+    @staticmethod
+    def _fc(pl_module: L.LightningModule) -> torch.Tensor:
+        return pl_module.model.fc.weight.detach().clone()
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        self.trained.append(self._fc(pl_module))
+
+    def on_validation_batch_start(self, trainer, pl_module, *args) -> None:
+        self.validated.append(self._fc(pl_module))
+
+    def on_test_batch_start(self, trainer, pl_module, *args) -> None:
+        self.tested.append(self._fc(pl_module))
+
+
+@pytest.mark.slow
+def test_ema_weights_are_what_validation_checkpoints_and_test_use(data_root: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = SEResNetClassifier(optimizer=lambda p: torch.optim.SGD(p, lr=0.1), ema_decay=0.5)
+    seen = Weights()
+    limits = {"accelerator": "cpu", "limit_train_batches": 3, "limit_val_batches": 1, "limit_test_batches": 1,
+              "num_sanity_val_steps": 0, "logger": False, "enable_progress_bar": False, "enable_model_summary": False,
+              "default_root_dir": tmp_path}
+    trainer = L.Trainer(max_epochs=1, callbacks=[seen, ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="end")], **limits)
+    dm = MNISTDataModule(data_dir=str(data_root), batch_size=8, val_size=16, download=False)
+    trainer.fit(module, datamodule=dm)
+    ckpt = torch.load(tmp_path / "ckpt" / "end.ckpt", weights_only=True)
+    average, raw = ckpt["state_dict"]["model.fc.weight"], ckpt["current_model_state"]["model.fc.weight"]
+    w1, w2, w3 = seen.trained
+    assert torch.equal(raw, w3)  # the training weights, kept for resuming
+    torch.testing.assert_close(average, 0.5 * (0.5 * w1 + 0.5 * w2) + 0.5 * w3)  # the EMA of the 3 steps
+    assert not torch.equal(average, raw)
+    assert torch.equal(seen.validated[-1], average)  # val/acc (and so the best checkpoint) is the average's
+    trainer.test(module, datamodule=dm, ckpt_path=tmp_path / "ckpt" / "end.ckpt")  # the Trainer that ran fit
+    assert torch.equal(seen.tested[-1], average)
+    L.Trainer(callbacks=[seen], **limits).test(SEResNetClassifier(ema_decay=0.5), datamodule=dm,
+                                               ckpt_path=tmp_path / "ckpt" / "end.ckpt")
+    assert torch.equal(seen.tested[-1], average)

@@ -11,7 +11,7 @@ import torch
 import torchvision
 import yaml
 from conftest import N_TEST, TINY, cli, make_dataset, scalars
-from jsonargparse.typing import NonNegativeInt, PositiveInt
+from jsonargparse.typing import ClosedUnitInterval, NonNegativeInt, OpenUnitInterval, PositiveFloat, PositiveInt
 
 from senet_pl.checkpoints import load_checkpoint
 from senet_pl.model import SEResNet
@@ -128,6 +128,16 @@ def test_class_paths_in_a_checkpoint_are_refused_and_never_imported(
         (2.5, float, True),
         ({"class_path": "os.system"}, str | None, False),
         (["a"], str, False),
+        (0.1, ClosedUnitInterval, True),
+        (1.5, ClosedUnitInterval, False),
+        ("0.1", ClosedUnitInterval, False),
+        (None, OpenUnitInterval | None, True),
+        (1.0, OpenUnitInterval | None, False),
+        ([0.02, 0.33], tuple[ClosedUnitInterval, ClosedUnitInterval], True),  # a tuple comes back as a list
+        ((0.02, 0.33), tuple[ClosedUnitInterval, ClosedUnitInterval], True),
+        ([0.02, 2.0], tuple[ClosedUnitInterval, ClosedUnitInterval], False),
+        ([0.02], tuple[ClosedUnitInterval, ClosedUnitInterval], False),
+        ({"class_path": "os.system"}, tuple[PositiveFloat, PositiveFloat], False),
     ],
 )
 def test_fits_accepts_plain_values_of_the_declared_type_only(value, annotation, expected: bool) -> None:
@@ -154,6 +164,7 @@ def test_fits_accepts_plain_values_of_the_declared_type_only(value, annotation, 
         (["--model.lr_scheduler.init_args.T_max=5"], "CosineAnnealingLR T_max 5, but the checkpoint's has 2"),
         (["--model.lr_scheduler.init_args.eta_min=0.01"], "CosineAnnealingLR eta_min 0.01, but the checkpoint's has 0.0"),
         (["--model.lr_scheduler=null"], "the config's schedule has 1 scheduler(s) (LinearLR"),
+        (["--model.ema_decay=0.9"], "--model.ema_decay 0.9, but the checkpoint has None"),
     ],
 )
 def test_resume_refuses_what_it_would_silently_ignore(run_copy: Path, args: list[str], line: str) -> None:
@@ -171,6 +182,9 @@ ALLOWED = [  # option, the value config.yaml must then record (section, key, val
     ("--model.channels_last=false", ("model", "channels_last", False)),
     ("--trainer.precision=32-true", ("trainer", "precision", "32-true")),
     ("--data.translate=0", ("data", "translate", 0)),
+    ("--data.hflip=true", ("data", "hflip", True)),
+    ("--data.erasing=0.25", ("data", "erasing", 0.25)),
+    ("--model.label_smoothing=0.1", ("model", "label_smoothing", 0.1)),
     ("--last_checkpoint.every_n_train_steps=1", ("last_checkpoint", "every_n_train_steps", 1)),
 ]
 

@@ -7,14 +7,14 @@ from typing import Literal
 
 import lightning.pytorch as L
 import torch
-from jsonargparse.typing import NonNegativeInt, PositiveInt
+from jsonargparse.typing import ClosedUnitInterval, NonNegativeInt, PositiveFloat, PositiveInt
 from torch.utils.data import DataLoader, random_split
 from torchvision.datasets import KMNIST, MNIST, FashionMNIST
 
 from senet_pl.data.idx import DataError, check_idx, decompress, needs_decompressing
 from senet_pl.data.memory import InMemoryImages, data_device
 from senet_pl.data.sampler import EpochBatchSampler, ResumableLoader
-from senet_pl.data.transforms import transform_batch
+from senet_pl.data.transforms import Erasing, transform_batch
 from senet_pl.images import INK_BOX, SIZE, Invert, read_folder
 from senet_pl.precision import input_dtype
 
@@ -42,6 +42,11 @@ class MNISTDataModule(L.LightningDataModule):
         val_size: PositiveInt = 5000,
         split_seed: int = 42,
         translate: NonNegativeInt = 2,
+        hflip: bool = False,
+        erasing: ClosedUnitInterval = 0.0,
+        erasing_scale: tuple[ClosedUnitInterval, ClosedUnitInterval] = (0.02, 0.33),
+        erasing_ratio: tuple[PositiveFloat, PositiveFloat] = (0.3, 3.3),
+        erasing_value: float = 0.0,
         num_workers: NonNegativeInt = 0,
         on_device: bool = True,
         download: bool = True,
@@ -61,6 +66,13 @@ class MNISTDataModule(L.LightningDataModule):
             split_seed: seed of the train/validation split, fixed so that every run holds out the same images.
             translate: training-time augmentation: shift each image by up to this many pixels (of the 28x28
                 original) in x and y, independently per image; 0 turns it off. Never applied to val/test.
+            hflip: training-time augmentation: mirror each image left to right with probability 1/2. Off by
+                default and in configs/mnist.yaml (a mirrored digit is not the same digit); Fashion-MNIST may use it.
+            erasing: training-time augmentation: the probability that an image gets a rectangle erased
+                (torchvision's RandomErasing, drawn per image, after normalization); 0 turns it off.
+            erasing_scale: erasing: the range of the erased area, as a fraction of the image (min, max).
+            erasing_ratio: erasing: the range of the rectangle's aspect ratio, height/width (min, max).
+            erasing_value: erasing: the value erased pixels get, in normalized units (0: the dataset's mean pixel).
             num_workers: DataLoader worker processes; 0 is fastest for in-memory tensors.
             on_device: when training on a CUDA GPU, keep the uint8 datasets in its memory (if they take at
                 most a tenth of the free memory and num_workers is 0), so that batches are cut out there and
@@ -78,6 +90,9 @@ class MNISTDataModule(L.LightningDataModule):
             raise DataError(f"unknown dataset {dataset!r}: use one of {', '.join(DATASETS)}.")
         if not 0 <= split_seed < 2**63:  # torch.Generator's range
             raise DataError(f"--data.split_seed {split_seed} is out of range: use a seed from 0 to {2**63 - 1}.")
+        for name, (low, high) in (("erasing_scale", erasing_scale), ("erasing_ratio", erasing_ratio)):
+            if low > high:
+                raise DataError(f"--data.{name} [{low}, {high}]: give the range as [min, max].")
         self.dataset_cls, mean, std = DATASETS[dataset]
         self.mean, self.std = mean, std
         self.num_classes, self.in_channels = self.data_shape(dataset)
@@ -247,6 +262,9 @@ class MNISTDataModule(L.LightningDataModule):
 
     def transform_batch(self, x: torch.Tensor, training: bool, dtype: torch.dtype = torch.float32,
                         seed: int | None = None) -> torch.Tensor:
-        """This dataset's transform of a uint8 batch (see ``transforms.transform_batch``); shifts only in training."""
-        translate = self.hparams.translate if training else 0
-        return transform_batch(x, self.mean, self.std, self.hparams.image_size, dtype, translate, seed)
+        """This dataset's transform of a uint8 batch (see ``transforms.transform_batch``); augmentation only in training."""
+        if not training:
+            return transform_batch(x, self.mean, self.std, self.hparams.image_size, dtype)
+        hp = self.hparams
+        erasing = Erasing(hp.erasing, tuple(hp.erasing_scale), tuple(hp.erasing_ratio), hp.erasing_value)
+        return transform_batch(x, self.mean, self.std, hp.image_size, dtype, hp.translate, seed, hp.hflip, erasing)

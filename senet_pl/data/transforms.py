@@ -1,9 +1,27 @@
-"""Batch transforms on the training device: uint8 batches to normalized, shifted, resized model input."""
+"""Batch transforms on the training device: uint8 batches to normalized, shifted, flipped, erased, resized model input.
+
+Every random draw of a training batch comes from one generator seeded with the batch's seed (from the
+sampler: a function of the run's seed, the epoch and the batch number), in a fixed order: shifts, flips,
+erasing. A resumed run therefore sees exactly the augmented batches an uninterrupted one would.
+"""
 
 import functools
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Erasing:
+    """The settings of ``torchvision.transforms.v2.RandomErasing``: erase with probability ``p`` one rectangle
+    covering a fraction in ``scale`` of the image, of aspect ratio (height/width) in ``ratio``, with ``value``."""
+
+    p: float = 0.5
+    scale: tuple[float, float] = (0.02, 0.33)
+    ratio: tuple[float, float] = (0.3, 3.3)
+    value: float = 0.0
 
 
 def transform_batch(
@@ -14,19 +32,28 @@ def transform_batch(
     dtype: torch.dtype = torch.float32,
     translate: int = 0,
     seed: int | None = None,
+    hflip: bool = False,
+    erasing: Erasing | None = None,
 ) -> torch.Tensor:
     """uint8 (N, 1, H, W) -> normalized (N, 1, S, S) in ``dtype``, on the device ``x`` is on.
 
-    ``translate`` > 0 shifts each image by up to that many pixels, drawn from ``seed`` (training only).
+    Training only, drawn from ``seed``: ``translate`` > 0 shifts each image by up to that many pixels,
+    ``hflip`` mirrors each image with probability 1/2, ``erasing`` erases a rectangle of some images.
     Pure: the same inputs give the same batch, which is what makes a resumed run exact."""
     x = x.float().div_(255)
+    augment = translate or hflip or (erasing is not None and erasing.p > 0)
+    generator = torch.Generator(x.device).manual_seed(seed) if augment and seed is not None else None
     if translate:
         # before normalizing: the zeros shifted in are black only in [0, 1]
-        generator = torch.Generator(x.device).manual_seed(seed) if seed is not None else None
         x = random_translate(x, translate, generator)
+    if hflip:
+        x = random_hflip(x, generator)
     # Normalizing commutes with bilinear resizing (its weights sum to 1), so it is done at the
     # native size and the resize is the only pass over the large image.
     x = x.sub_(mean).div_(std)
+    if erasing is not None and erasing.p > 0:
+        # after normalizing, as in torchvision's reference scripts: value 0 is the dataset's mean pixel
+        x = random_erasing(x, erasing, generator)
     # Under mixed precision the model's first layer computes in bf16/fp16 anyway: converting
     # before the resize halves the bytes written at the large size.
     x = x.to(dtype)
@@ -47,6 +74,48 @@ def random_translate(x: torch.Tensor, max_shift: int, generator: torch.Generator
     windows = F.pad(x, (m, m, m, m)).unfold(2, h, 1).unfold(3, w, 1)
     start = m - shift
     return windows[torch.arange(n, device=x.device), :, start[:, 1], start[:, 0]]
+
+
+def random_hflip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Mirror each image of a batch left to right with probability 1/2, independently
+    (``torchvision.transforms.v2.RandomHorizontalFlip`` per image, in one operation for the batch)."""
+    flip = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+ERASING_ATTEMPTS = 10  # torchvision's: a draw whose rectangle does not fit is redrawn, at most this often
+
+
+def random_erasing(x: torch.Tensor, erasing: Erasing, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``torchvision.transforms.v2.RandomErasing`` applied to each image of a batch independently, vectorized.
+
+    As torchvision draws for one image: with probability p, up to 10 attempts of an area fraction uniform
+    in ``scale`` and a log-uniform aspect ratio in ``ratio``; the first rectangle smaller than the image
+    (rounded sides) is placed uniformly and filled with ``value`` in every channel; if none fits, the image
+    is kept. Here all images' attempts are drawn at once from ``generator``."""
+    n, _, h, w = x.shape
+    device = x.device
+
+    def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
+        return torch.rand(*shape, device=device, generator=generator, dtype=torch.float64) * (high - low) + low
+
+    apply = torch.rand(n, device=device, generator=generator) < erasing.p
+    area = h * w * uniform(*erasing.scale, n, ERASING_ATTEMPTS)
+    aspect = uniform(math.log(erasing.ratio[0]), math.log(erasing.ratio[1]), n, ERASING_ATTEMPTS).exp()
+    eh = (area * aspect).sqrt().round().long()
+    ew = (area / aspect).sqrt().round().long()
+    fits = (eh < h) & (ew < w)
+    first = fits.int().argmax(dim=1, keepdim=True)  # the first attempt that fits (0 if none does)
+    eh, ew = eh.gather(1, first)[:, 0], ew.gather(1, first)[:, 0]
+    apply &= fits.any(dim=1)
+    # The position, uniform over the places the rectangle fits (torch.randint(0, h - eh + 1) per image).
+    top = (uniform(0, 1, n) * (h - eh + 1)).floor().long()
+    left = (uniform(0, 1, n) * (w - ew + 1)).floor().long()
+    rows, cols = torch.arange(h, device=device), torch.arange(w, device=device)
+    inside_rows = (rows >= top[:, None]) & (rows < (top + eh)[:, None])
+    inside_cols = (cols >= left[:, None]) & (cols < (left + ew)[:, None])
+    mask = apply[:, None, None] & inside_rows[:, :, None] & inside_cols[:, None, :]
+    return x.masked_fill(mask[:, None], erasing.value)
 
 
 def resize_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -1,0 +1,58 @@
+"""The exponential moving average of the weights (``--model.ema_decay``): Lightning's ``EMAWeightAveraging``,
+kept safe for this project's checkpoints and commands.
+
+The module adds it in ``configure_callbacks`` (so it lives on the module's floor, not in ``callbacks/``), in
+every command: outside fit it does nothing, and there it keeps Lightning from warning that a checkpoint's
+EMA state has no callback.
+What Lightning's callback does, and this one keeps: after every optimizer step the average is updated;
+fit's validation swaps it in (so ``val/acc`` and the best checkpoint are the average's); every checkpoint
+holds the average as ``state_dict`` (what test, predict, analyze and export load) and the training weights
+as ``current_model_state``, with the average's step count in ``averaging_state``; resuming fit restores both,
+so a resumed run continues the average exactly.
+"""
+
+from typing import Any
+
+import lightning.pytorch as L
+from lightning.pytorch.callbacks import EMAWeightAveraging
+
+
+class EMA(EMAWeightAveraging):
+    """``EMAWeightAveraging`` that acts in ``fit`` only, and swaps back when a validation is cut short.
+
+    - Outside fit (``validate``, ``test``, ``predict``) Lightning's warns that it cannot restore its state
+      from the checkpoint, and, on a Trainer that ran ``fit`` with it before, swaps in the stale average of
+      that fit or loads the checkpoint's training weights over its average. Here only fit's validation
+      swaps, and a checkpoint loaded outside fit keeps its ``state_dict`` (the average).
+    - SIGTERM or Ctrl-C stops fit at a batch boundary, also in the middle of a validation, while the average
+      is swapped in. ``on_exception`` swaps back first (Lightning runs it before ``LatestCheckpoint``'s,
+      a checkpoint callback), so that ``last.ckpt`` then holds the same as at any other moment.
+    """
+
+    def __init__(self, decay: float = 0.999) -> None:
+        """
+        Args:
+            decay: the weight of the old average at each optimizer step (0.999: about the last 1000 steps).
+        """
+        super().__init__(decay=decay)
+        self.swapped = False  # the average is in the module (a validation inside fit is running)
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit":
+            super().on_validation_epoch_start(trainer, pl_module)
+            self.swapped = True
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._swap_back(trainer, pl_module)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._swap_back(trainer, pl_module)
+
+    def _swap_back(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.swapped:
+            super().on_validation_epoch_end(trainer, pl_module)  # swaps the training weights back in
+            self.swapped = False
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if trainer.state.fn == "fit":
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
