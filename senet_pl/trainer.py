@@ -31,6 +31,52 @@ class Trainer(L.Trainer):
         super().__init__(*args, limit_train_batches=limit_train_batches, limit_val_batches=limit_val_batches,
                          limit_test_batches=limit_test_batches, limit_predict_batches=limit_predict_batches, **kwargs)
 
+    # fit, validate, test and predict as Lightning's, with this project's --ckpt_path in --help (Lightning's
+    # speaks of "hpc" and "registry") and without --weights_only: checkpoints are always read weights-only.
+    def fit(self, model: SEResNetClassifier, train_dataloaders: Any = None, val_dataloaders: Any = None,
+            datamodule: L.LightningDataModule | None = None, ckpt_path: str | None = None) -> None:
+        """Train the model, or resume the run that a checkpoint holds.
+
+        Args:
+            ckpt_path: resume: "last" (the newest run's last.ckpt), "best", "auto" ("last" if a run exists,
+                else a new run; for scripts that are rerun) or a checkpoint path. Left out: a new run.
+        """
+        return super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path)
+
+    def validate(self, model: SEResNetClassifier | None = None, dataloaders: Any = None, ckpt_path: str | None = None,
+                 verbose: bool = True, datamodule: L.LightningDataModule | None = None) -> list:
+        """Evaluate a trained model on the validation split.
+
+        Args:
+            ckpt_path: the trained model: "best" or "last" (of the newest run of the configured logger), a
+                checkpoint path, or a plain state dict (.pt) with the architecture from the config.
+            verbose: print the metrics table.
+        """
+        return super().validate(model, dataloaders, ckpt_path, verbose, datamodule)
+
+    def test(self, model: SEResNetClassifier | None = None, dataloaders: Any = None, ckpt_path: str | None = None,
+             verbose: bool = True, datamodule: L.LightningDataModule | None = None) -> list:
+        """Evaluate a trained model on the test split (once, at the end).
+
+        Args:
+            ckpt_path: the trained model: "best" or "last" (of the newest run of the configured logger), a
+                checkpoint path, or a plain state dict (.pt) with the architecture from the config.
+            verbose: print the metrics table.
+        """
+        return super().test(model, dataloaders, ckpt_path, verbose, datamodule)
+
+    def predict(self, model: SEResNetClassifier | None = None, dataloaders: Any = None,
+                datamodule: L.LightningDataModule | None = None, return_predictions: bool | None = None,
+                ckpt_path: str | None = None) -> Any:
+        """Classify the test split or the images of --data.predict_dir; writes predictions.csv.
+
+        Args:
+            return_predictions: keep the predictions in memory as well (the CSV holds them).
+            ckpt_path: the trained model: "best" or "last" (of the newest run of the configured logger), a
+                checkpoint path, or a plain state dict (.pt) with the architecture from the config.
+        """
+        return super().predict(model, dataloaders, datamodule, return_predictions, ckpt_path)
+
     def analyze(self, model: SEResNetClassifier, datamodule: MNISTDataModule, ckpt_path: str | None = None) -> None:
         """Excitation analysis (paper Sec. 7.2, Fig. 6): mean SE gates per class over the test split.
 

@@ -435,3 +435,13 @@ def test_a_changed_precision_is_said_in_one_line(data_root: Path, monkeypatch: p
                      "(set --trainer.precision to choose)."]
     SENetCLI(args=[*TINY, "--trainer.precision=32-true"], run=False)
     assert "precision:" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "validate", "test", "predict", "analyze"])
+def test_help_explains_this_projects_ckpt_path(subcommand: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main([subcommand, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    help_text = text.split("--ckpt_path CKPT_PATH", 2)[-1]
+    assert '"last"' in help_text and '"best"' in help_text
+    assert "hpc" not in help_text and "registry" not in help_text and "--weights_only" not in text
