@@ -156,12 +156,15 @@ class SENetCLI(LightningCLIHooks):
         # Reported once the model exists, together with the optimizer's and schedule's (before_fit).
         self.conflicts = reconcile(info, cfg, self.explicit.get(subcommand), subcommand, MNISTDataModule.data_shape)
         self.ckpt_info = info
-        # Resuming a run: log into its own version folder, so its TensorBoard curves continue.
+        # A checkpoint of a run of this logger: log into that run's folder. Resuming, its TensorBoard curves
+        # continue; evaluating, its test/val metrics join its training curves (one HParams row per model).
         root = self._logger_root()
-        if subcommand == "fit" and root and cfg.trainer.logger.init_args.version is None:
+        if root and cfg.trainer.logger.init_args.version is None:
             ckpt = Path(cfg.ckpt_path).resolve()
             if ckpt.parent.name == "checkpoints" and ckpt.parent.parent.parent == root.resolve():
                 cfg.trainer.logger.init_args.version = ckpt.parent.parent.name
+                if subcommand != "fit":  # the run's config.yaml records its training; this command's goes beside it
+                    self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": f"config_{subcommand}.yaml"}
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config  # run=False has no subcommand

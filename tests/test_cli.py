@@ -445,3 +445,30 @@ def test_help_explains_this_projects_ckpt_path(subcommand: str, capsys: pytest.C
     help_text = text.split("--ckpt_path CKPT_PATH", 2)[-1]
     assert '"last"' in help_text and '"best"' in help_text
     assert "hpc" not in help_text and "registry" not in help_text and "--weights_only" not in text
+
+
+def test_evaluating_a_checkpoint_logs_into_its_run(trained: Path, tmp_path: Path) -> None:
+    """test/validate of a run's checkpoint add their metrics to that run's folder (one TensorBoard run, one HParams
+    row per trained model), keep its config.yaml and start no new version."""
+    import os
+    import shutil
+
+    shutil.copytree(trained / "data", tmp_path / "data")
+    shutil.copytree(trained / "lightning_logs", tmp_path / "lightning_logs",
+                    copy_function=lambda a, b: os.link(a, b) if a.endswith(".ckpt") else shutil.copy2(a, b))
+    run_dir = tmp_path / "lightning_logs/mnist/version_0"
+    before = sorted(p.name for p in run_dir.parent.iterdir())
+    config = (run_dir / "config.yaml").read_text()
+    for subcommand in ("test", "validate"):
+        result = run(tmp_path, subcommand, *TINY, "--ckpt_path=best")
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "logged to lightning_logs/mnist/version_0" in result.stdout
+    assert sorted(p.name for p in run_dir.parent.iterdir()) == before  # no new version_N
+    assert (run_dir / "config.yaml").read_text() == config
+    assert (run_dir / "config_test.yaml").is_file() and (run_dir / "config_validate.yaml").is_file()
+    curves = scalars(run_dir)
+    assert {"train/loss", "val/acc", "test/acc"} <= set(curves)
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    experiment = HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/experiment"]).experiment
+    assert {"train/acc", "val/acc", "test/acc", "test/loss"} <= {m.name.tag for m in experiment.metric_infos}

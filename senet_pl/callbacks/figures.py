@@ -6,6 +6,8 @@ ResNet stage, a histogram of the SE gate values. At the end of ``fit`` and ``tes
 hyperparameters with the final metrics to TensorBoard's HParams view. (The drawing: ``plots.py``.)
 """
 
+from pathlib import Path
+
 import lightning.pytorch as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -142,9 +144,13 @@ class TensorBoardFigures(L.Callback):
             params["optimizer"] = type(optimizer).__name__
             params |= {f"optimizer/{k}": v for k, v in optimizer.defaults.items()}
         params = {k: v for k, v in params.items() if isinstance(v, (bool, int, float, str))}
+        if not trainer.optimizers and (Path(trainer.log_dir) / "checkpoints").is_dir():
+            return  # evaluating in a trained run's folder: fit's HParams entry already names the test metrics
         metrics = {k: 0.0 for k in trainer.callback_metrics if k.split("/")[0] in ("train", "val", "test")}
         if not metrics:
             return
+        # Every metric a run may get, so that a later test logged into this run's folder joins its row.
+        metrics |= {f"{stage}/{name}": 0.0 for stage in ("train", "val", "test") for name in ("loss", "acc")}
         writer = file_writer(trainer.logger.experiment)
         for summary in hparams(params, metrics):
             writer.add_summary(summary)
