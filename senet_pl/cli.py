@@ -24,7 +24,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser
@@ -195,9 +194,8 @@ class SENetCLI(LightningCLIHooks):
     def after_instantiate_classes(self) -> None:
         if self.trainer is not None and type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        # One image of the data's shape: the model summary then shows input/output shapes and FLOPs.
-        size = self.datamodule.hparams.image_size
-        self.model.example_input_array = torch.zeros(1, self.datamodule.in_channels, size, size)
+        # One image as the data delivers it: the model summary then shows input/output shapes and FLOPs.
+        self.model.example_input_array = self.datamodule.example_batch()
 
     def _refuse_conflicts(self) -> None:
         if self.conflicts:

@@ -20,7 +20,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder in which ``python -m senet_pl fit`` ran for 2 tiny epochs on synthetic data."""
     cwd = tmp_path_factory.mktemp("run")
     make_dataset(cwd / "data", compress=True)  # as downloaded by hand: .gz files only
-    result = run(cwd, "fit", *TINY, "--trainer.max_epochs=2")
+    result = run(cwd, "fit", *TINY, "--trainer.max_epochs=2", "--trainer.enable_model_summary=true")
     assert result.returncode == 0, result.stderr[-3000:]
     (cwd / "fit.out").write_text(result.stdout)
     (cwd / "fit.err").write_text(result.stderr)
@@ -413,15 +413,13 @@ def test_a_run_prints_no_message_a_user_cannot_act_on(trained: Path) -> None:
     assert "GPU available" in printed  # Lightning's own lines are kept
 
 
-def test_the_model_summary_shows_shapes_and_flops(data_root: Path) -> None:
-    from lightning.pytorch.utilities.model_summary import ModelSummary
-
-    from senet_pl.cli import SENetCLI
-
-    cli = SENetCLI(args=[*TINY, "--data.image_size=32"], run=False)
-    summary = ModelSummary(cli.model)
-    assert tuple(cli.model.example_input_array.shape) == (1, 1, 32, 32)
-    assert summary.total_flops > 0 and summary.in_sizes[0] == [1, 1, 32, 32]
+def test_the_model_summary_shows_shapes_and_flops(trained: Path) -> None:
+    """The fit of ``trained`` prints Lightning's model summary (its example input goes through the data
+    module's batch transform, as a batch would): with shapes and the FLOPs of one image, not "Total Flops 0"."""
+    out = (trained / "fit.out").read_text() + (trained / "fit.err").read_text()  # the summary is logged to stderr
+    flops = next(line for line in out.splitlines() if line.rstrip().endswith("Total Flops"))
+    assert float(flops.split()[0].replace(",", "")) > 0, flops
+    assert "[1, 1, 28, 28]" in out and "[1, 10]" in out  # In sizes / Out sizes of the model
 
 
 def test_a_changed_precision_is_said_in_one_line(data_root: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:

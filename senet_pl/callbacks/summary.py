@@ -12,9 +12,11 @@ class RunSummary(Callback):
 
     def __init__(self) -> None:
         self.started: float | None = None
-        self.seconds = 0.0
+        self.seconds = 0.0  # fit's wall time
+        self.train_seconds = 0.0  # in training steps (forward, backward, optimizer): no validation, no startup
         self.images = 0
         self.start_step = 0
+        self._batch_started = 0.0
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.started, self.images = time.perf_counter(), 0
@@ -22,7 +24,11 @@ class RunSummary(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.start_step = trainer.global_step  # after a resume: the checkpoint's
 
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        self._batch_started = time.perf_counter()
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        self.train_seconds += time.perf_counter() - self._batch_started
         self.images += len(batch[0]) * trainer.world_size
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -31,7 +37,7 @@ class RunSummary(Callback):
     def fit_lines(self, trainer: L.Trainer, config: Path | None, last: Path | None) -> list[str]:
         """The end of ``fit``: the best and last checkpoints, epochs, steps, time, speed and the next command."""
         steps = trainer.global_step - self.start_step
-        speed = f", {self.images / self.seconds:,.0f} training images/s" if self.seconds and self.images else ""
+        speed = f", {self.images / self.train_seconds:,.0f} training images/s" if self.train_seconds and self.images else ""
         lines = [f"fit done: {trainer.current_epoch} epoch(s), step {trainer.global_step} ({steps} in this run) "
                  f"in {self.seconds:.1f} s{speed}."]
         best = next((c for c in trainer.checkpoint_callbacks if type(c) is ModelCheckpoint), None)

@@ -251,14 +251,22 @@ class MNISTDataModule(L.LightningDataModule):
         """Sample indices of this process's predictions, in the order they are made (its shard of the split)."""
         return [i for _, batch in self.predict_dataloader().sampler for i in batch]
 
-    def on_after_batch_transfer(self, batch: list, dataloader_idx: int) -> list[torch.Tensor]:
+    def on_after_batch_transfer(self, batch: list | torch.Tensor, dataloader_idx: int) -> list[torch.Tensor] | torch.Tensor:
         """uint8 (N, 1, 28, 28) -> normalized (N, 1, S, S), on the device the batch is on.
 
-        The result is float32, or bf16/fp16 under bf16-mixed/16-mixed precision."""
-        x, y, seed = batch
+        The result is float32, or bf16/fp16 under bf16-mixed/16-mixed precision. A bare tensor (the model's
+        ``example_input_array``, which the model summary sends through this hook) gets the evaluation transform."""
         training = self.trainer is not None and self.trainer.training
         dtype = input_dtype(self.trainer.precision) if self.trainer is not None else torch.float32
+        if isinstance(batch, torch.Tensor):
+            return self.transform_batch(batch, False, dtype)
+        x, y, seed = batch
         return [self.transform_batch(x, training, dtype, seed), y]
+
+    def example_batch(self) -> torch.Tensor:
+        """One blank image as this data module delivers images before ``on_after_batch_transfer``: uint8 at the
+        native size (the model summary's example input)."""
+        return torch.zeros(1, self.in_channels, SIZE, SIZE, dtype=torch.uint8)
 
     def transform_batch(self, x: torch.Tensor, training: bool, dtype: torch.dtype = torch.float32,
                         seed: int | None = None) -> torch.Tensor:
