@@ -14,15 +14,31 @@ from torchmetrics.classification import MulticlassAccuracy
 from senet_pl.model import Depth, SEResNet, Stem
 
 
-
-
 class NonFiniteLossError(ArithmeticError):
     """The training loss became NaN or infinite."""
 
 
+def start_momentum(optimizer: torch.optim.Optimizer) -> None:
+    """Give a fused SGD with momentum its momentum buffers up front, as zeros.
+
+    Fused SGD creates them with ``torch.empty_like`` in its first step, and when a gradient scaler
+    skips that step (an fp16 overflow, common in the first steps of 16-mixed) its kernel leaves them
+    uninitialized, and every later step adds their garbage to the weights. Zeros are what the first
+    step computes anyway without dampening (the buffer becomes the gradient), so nothing else changes.
+    """
+    if not isinstance(optimizer, torch.optim.SGD):
+        return
+    for group in optimizer.param_groups:
+        if group.get("fused") and group["momentum"] and not group["dampening"]:
+            for p in group["params"]:
+                optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+
+
 def default_optimizer(params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """The module's default optimizer (the recipes' SGD) on ``params``."""
-    return inspect.signature(SEResNetClassifier.__init__).parameters["optimizer"].default(params)
+    """The module's default optimizer (the recipes' SGD) on ``params``, its momentum started (``start_momentum``)."""
+    optimizer = inspect.signature(SEResNetClassifier.__init__).parameters["optimizer"].default(params)
+    start_momentum(optimizer)
+    return optimizer
 
 
 class SEResNetClassifier(L.LightningModule):
@@ -121,6 +137,7 @@ class SEResNetClassifier(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = self.optimizer(self.parameters())
+        start_momentum(optimizer)
         schedulers = []
         if self.hparams.warmup_steps:
             warmup = LinearLR(optimizer, start_factor=0.01, total_iters=self.hparams.warmup_steps)
