@@ -11,7 +11,7 @@ What it adds to LightningCLI:
 - ``--ckpt_path last|best|auto`` that finds the newest run of the configured logger (Lightning
   alone would look in the new run's empty folder), and resuming ``fit`` into that run's own
   folder so that its TensorBoard curves continue;
-- ``bf16-mixed`` falling back to what the hardware can do (fp16 on GPUs without bf16, fp32 on CPUs without);
+- ``bf16-mixed`` falling back to what the hardware can do (fp16 on GPUs without native bf16, fp32 on CPUs without);
 - checkpoints checked and reconciled with the command line before anything reads them
   (``resume.py``): nothing a checkpoint names is imported, and nothing typed is silently ignored;
 - short error messages for bad data, checkpoints, exports and non-finite losses instead of a traceback; exit
@@ -199,7 +199,7 @@ class SENetCLI(LightningCLIHooks):
                         f"{folder} is a file, but the TensorBoard logger keeps its runs in that folder: move the file "
                         "away, or choose another --trainer.logger.init_args.save_dir (or .name)."
                     )
-        cfg.trainer.precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+        cfg.trainer.precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator, cfg.trainer.devices)
 
     def after_instantiate_classes(self) -> None:
         if self.trainer is not None and type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:

@@ -50,8 +50,11 @@ def test_resize_to_image_size(data_root: Path, size: int) -> None:
     torch.testing.assert_close(out.mean(), ((x.float() / 255 - 0.1307) / 0.3081).mean(), atol=0.05, rtol=0)
 
 
-@pytest.mark.parametrize(("precision", "dtype"), [("bf16-mixed", torch.bfloat16), ("16-mixed", torch.float16)])
-def test_mixed_precision_batches_arrive_in_the_autocast_dtype(data_root: Path, precision: str, dtype) -> None:
+@pytest.mark.parametrize(("precision", "dtype"), [
+    ("bf16-mixed", torch.bfloat16), ("16-mixed", torch.float16),  # autocast's dtype
+    ("bf16-true", torch.bfloat16), ("16-true", torch.float16), ("64-true", torch.float64),  # the weights' dtype
+])
+def test_batches_arrive_in_the_dtype_the_first_layer_computes_in(data_root: Path, precision: str, dtype) -> None:
     dm = _module(data_root, image_size=64, translate=0)
     dm.setup("fit")
     _, full, _ = _transform(dm, training=False)
