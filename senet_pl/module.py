@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch.optim.lr_scheduler import LinearLR
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from senet_pl.model import Depth, SEResNet, Stem
@@ -97,6 +98,11 @@ class SEResNetClassifier(L.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        # The evaluation loss as a metric too, a mean weighted by batch size over all processes: Lightning's
+        # sync_dist mean divides the summed batch sizes by the number of processes in integers (lightning
+        # 2.6: 32 images on 3 processes count as 30), and under DDP the batches differ in size.
+        self.val_loss = MeanMetric(nan_strategy="disable")
+        self.test_loss = MeanMetric(nan_strategy="disable")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x.contiguous(memory_format=self.memory_format))
@@ -108,8 +114,12 @@ class SEResNetClassifier(L.LightningModule):
         acc = getattr(self, f"{stage}_acc")
         acc(logits, y)
         # Training loss per step (its epoch mean would be renamed train/loss_epoch); the rest per epoch.
-        training = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=training, on_epoch=not training, prog_bar=True, sync_dist=not training)
+        if stage == "train":
+            self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        else:
+            mean = getattr(self, f"{stage}_loss")
+            mean.update(loss.detach(), weight=len(y))
+            self.log(f"{stage}/loss", mean, on_step=False, on_epoch=True, prog_bar=True)
         self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
