@@ -21,8 +21,9 @@ def transform_batch(
     Pure: the same inputs give the same batch, which is what makes a resumed run exact."""
     x = x.float().div_(255)
     if translate:
-        # before normalizing: the zeros shifted in are black only in [0, 1]
-        generator = torch.Generator(x.device).manual_seed(seed) if seed is not None else None
+        # before normalizing: the zeros shifted in are black only in [0, 1]. The shifts are drawn on the
+        # host, so that a batch gets the same ones on a CPU and on a GPU (their generators differ).
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
         x = random_translate(x, translate, generator)
     # Normalizing commutes with bilinear resizing (its weights sum to 1), so it is done at the
     # native size and the resize is the only pass over the large image.
@@ -38,7 +39,8 @@ def transform_batch(
 def random_translate(x: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Shift every image of a batch by its own random whole-pixel offset in [-max_shift, max_shift], zero-filled."""
     n, _, h, w = x.shape
-    shift = torch.randint(-max_shift, max_shift + 1, (n, 2), device=x.device, generator=generator)
+    device = generator.device if generator is not None else x.device
+    shift = torch.randint(-max_shift, max_shift + 1, (n, 2), device=device, generator=generator).to(x.device)
     # Every h x w window of the zero-padded batch, at every offset, as a view (n, c, 2m+1, 2m+1, h, w);
     # one indexing operation copies out each image's own window. Content moves by +shift, so the
     # window starts m - shift into the padding. (2x faster on CPU than gathering pixel by pixel,
