@@ -11,7 +11,7 @@ What it adds to LightningCLI:
 - ``--ckpt_path last|best|auto`` that finds the newest run of the configured logger (Lightning
   alone would look in the new run's empty folder), and resuming ``fit`` into that run's own
   folder so that its TensorBoard curves continue;
-- ``bf16-mixed`` falling back to what the hardware can do (fp16 on GPUs without bf16, fp32 on CPUs without);
+- ``bf16-mixed`` falling back to what the hardware can do (fp16 on GPUs without native bf16, fp32 on CPUs without);
 - checkpoints checked and reconciled with the command line before anything reads them
   (``resume.py``): nothing a checkpoint names is imported, and nothing typed is silently ignored;
 - short error messages for bad data, checkpoints, exports and non-finite losses instead of a traceback; exit
@@ -40,7 +40,7 @@ from senet_pl.compat import LightningCLIHooks, quiet
 from senet_pl.data import DataError, MNISTDataModule
 from senet_pl.model import MIN_IMAGE_SIZE
 from senet_pl.module import NonFiniteLossError, SEResNetClassifier
-from senet_pl.precision import resolve_precision
+from senet_pl.precision import ALIASES, resolve_precision
 from senet_pl.resume import reconcile, training_conflicts, weight_mismatch
 from senet_pl.runs import CLIError, find_checkpoint, remove_new_folders
 from senet_pl.schedule import ScheduleError
@@ -184,11 +184,12 @@ class SENetCLI(LightningCLIHooks):
                         f"{folder} is a file, but the TensorBoard logger keeps its runs in that folder: move the file "
                         "away, or choose another --trainer.logger.init_args.save_dir (or .name)."
                     )
-        asked = cfg.trainer.precision
-        cfg.trainer.precision = resolve_precision(asked, cfg.trainer.accelerator)
+        asked = ALIASES.get(str(cfg.trainer.precision), cfg.trainer.precision)
+        cfg.trainer.precision = resolve_precision(asked, cfg.trainer.accelerator, cfg.trainer.devices)
         if cfg.trainer.precision != asked:
-            where = "this GPU has no native bf16" if cfg.trainer.precision == "16-mixed" else "this CPU has no bf16 (AVX512-BF16 or AMX)"
-            print(f"precision: {asked} asked, but {where}: using {cfg.trainer.precision} (set --trainer.precision to choose).",
+            why = {"16-mixed": "this GPU has no native bf16", "32-true": "this CPU has no bf16 (AVX512-BF16 or AMX)",
+                   "bf16-mixed": "Lightning runs 16-mixed on a CPU as bf16"}.get(str(cfg.trainer.precision), "this hardware")
+            print(f"precision: {asked} asked, but {why}: using {cfg.trainer.precision} (set --trainer.precision to choose).",
                   file=sys.stderr)
 
     def after_instantiate_classes(self) -> None:

@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch.optim.lr_scheduler import ChainedScheduler, ReduceLROnPlateau
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from senet_pl.ema import EMA
@@ -24,9 +25,27 @@ class NonFiniteLossError(ArithmeticError):
     """The training loss became NaN or infinite."""
 
 
+def start_momentum(optimizer: torch.optim.Optimizer) -> None:
+    """Give a fused SGD with momentum its momentum buffers up front, as zeros.
+
+    Fused SGD creates them with ``torch.empty_like`` in its first step, and when a gradient scaler
+    skips that step (an fp16 overflow, common in the first steps of 16-mixed) its kernel leaves them
+    uninitialized, and every later step adds their garbage to the weights. Zeros are what the first
+    step computes anyway without dampening (the buffer becomes the gradient), so nothing else changes.
+    """
+    if not isinstance(optimizer, torch.optim.SGD):
+        return
+    for group in optimizer.param_groups:
+        if group.get("fused") and group["momentum"] and not group["dampening"]:
+            for p in group["params"]:
+                optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+
+
 def default_optimizer(params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """The module's default optimizer (the recipes' SGD) on ``params``."""
-    return inspect.signature(SEResNetClassifier.__init__).parameters["optimizer"].default(params)
+    """The module's default optimizer (the recipes' SGD) on ``params``, its momentum started (``start_momentum``)."""
+    optimizer = inspect.signature(SEResNetClassifier.__init__).parameters["optimizer"].default(params)
+    start_momentum(optimizer)
+    return optimizer
 
 
 class SEResNetClassifier(L.LightningModule):
@@ -101,6 +120,11 @@ class SEResNetClassifier(L.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        # The evaluation loss as a metric too, a mean weighted by batch size over all processes: Lightning's
+        # sync_dist mean divides the summed batch sizes by the number of processes in integers (lightning
+        # 2.6: 32 images on 3 processes count as 30), and under DDP the batches differ in size.
+        self.val_loss = MeanMetric(nan_strategy="disable")
+        self.test_loss = MeanMetric(nan_strategy="disable")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x.contiguous(memory_format=self.memory_format))
@@ -119,8 +143,12 @@ class SEResNetClassifier(L.LightningModule):
         acc = getattr(self, f"{stage}_acc")
         acc(logits, y)
         # Training loss per step (its epoch mean would be renamed train/loss_epoch); the rest per epoch.
-        training = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=training, on_epoch=not training, prog_bar=True, sync_dist=not training)
+        if stage == "train":
+            self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        else:
+            mean = getattr(self, f"{stage}_loss")
+            mean.update(loss.detach(), weight=len(y))
+            self.log(f"{stage}/loss", mean, on_step=False, on_epoch=True, prog_bar=True)
         self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
@@ -154,6 +182,7 @@ class SEResNetClassifier(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = self.optimizer(self.parameters())
+        start_momentum(optimizer)
         interval = self.hparams.lr_interval
         ramp_up = warmup(optimizer, self.hparams.warmup_steps)
         steps = self.schedule_steps() if self.lr_scheduler is not None else None

@@ -81,13 +81,16 @@ FULL_EPOCHS = [a for a in TINY if not a.startswith("--trainer.limit_train_batche
 
 # Tests that use these fixtures, or live in these modules, train models or run the CLI: marked slow.
 SLOW_FIXTURES = {"trained", "one_epoch", "run_copy", "uninterrupted", "uninterrupted_short"}
-SLOW_MODULES = {"test_checkpoints", "test_ddp", "test_bench", "test_study", "test_cli", "test_resume", "test_export"}
+SLOW_MODULES = {"test_checkpoints", "test_ddp", "test_bench", "test_study", "test_cli", "test_resume", "test_export",
+                "test_gpu"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__ in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("gpu") and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
 
 
 if os.environ.get("PYTEST_XDIST_WORKER"):

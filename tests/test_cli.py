@@ -7,9 +7,7 @@ from conftest import N_TEST, REPO, TINY, make_dataset, mixed_folder, run, scalar
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
-from senet_pl import precision
 from senet_pl.cli import main
-from senet_pl.precision import resolve_precision
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 RECIPES = [c for c in CONFIGS if c.name != "no_se.yaml"]  # no_se.yaml is an override
@@ -324,19 +322,6 @@ def test_help_names_the_options(subcommand: str, capsys: pytest.CaptureFixture) 
         assert option in text
 
 
-def test_bf16_falls_back_to_what_the_hardware_has(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert resolve_precision("32-true", "auto") == "32-true"
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
-    assert resolve_precision("bf16-mixed", "auto") == "16-mixed"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert resolve_precision("bf16-mixed", "gpu") == "bf16-mixed"
-    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
-    assert resolve_precision("bf16-mixed", "cpu") == "32-true"
-    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
-    assert resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"
-
-
 def test_a_file_where_the_run_folders_go_is_one_line(tmp_path: Path) -> None:
     make_dataset(tmp_path / "data")
     (tmp_path / "lightning_logs").write_text("not a folder")
@@ -423,6 +408,7 @@ def test_the_model_summary_shows_shapes_and_flops(trained: Path) -> None:
 
 
 def test_a_changed_precision_is_said_in_one_line(data_root: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from senet_pl import precision
     from senet_pl.cli import SENetCLI
 
     monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
@@ -431,7 +417,7 @@ def test_a_changed_precision_is_said_in_one_line(data_root: Path, monkeypatch: p
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("precision:")]
     assert lines == ["precision: bf16-mixed asked, but this CPU has no bf16 (AVX512-BF16 or AMX): using 32-true "
                      "(set --trainer.precision to choose)."]
-    SENetCLI(args=[*TINY, "--trainer.precision=32-true"], run=False)
+    SENetCLI(args=[*TINY, "--trainer.precision=32"], run=False)  # an alias is no change
     assert "precision:" not in capsys.readouterr().err
 
 

@@ -12,7 +12,7 @@ from conftest import N_TEST, N_TRAIN, make_dataset, synthetic_split, write_idx
 
 from senet_pl.data import DATASETS, DataError, MNISTDataModule
 from senet_pl.data.memory import data_device
-from senet_pl.data.sampler import EpochBatchSampler
+from senet_pl.data.sampler import EpochBatchSampler, shard
 from senet_pl.data.transforms import Erasing, random_erasing, random_hflip, random_translate, resize_bilinear, transform_batch
 
 
@@ -51,8 +51,11 @@ def test_resize_to_image_size(data_root: Path, size: int) -> None:
     torch.testing.assert_close(out.mean(), ((x.float() / 255 - 0.1307) / 0.3081).mean(), atol=0.05, rtol=0)
 
 
-@pytest.mark.parametrize(("precision", "dtype"), [("bf16-mixed", torch.bfloat16), ("16-mixed", torch.float16)])
-def test_mixed_precision_batches_arrive_in_the_autocast_dtype(data_root: Path, precision: str, dtype) -> None:
+@pytest.mark.parametrize(("precision", "dtype"), [
+    ("bf16-mixed", torch.bfloat16), ("16-mixed", torch.float16),  # autocast's dtype
+    ("bf16-true", torch.bfloat16), ("16-true", torch.float16), ("64-true", torch.float64),  # the weights' dtype
+])
+def test_batches_arrive_in_the_dtype_the_first_layer_computes_in(data_root: Path, precision: str, dtype) -> None:
     dm = _module(data_root, image_size=64, translate=0)
     dm.setup("fit")
     _, full, _ = _transform(dm, training=False)
@@ -391,20 +394,45 @@ def test_unknown_dataset() -> None:
 
 
 @pytest.mark.parametrize("replicas", [2, 3])
-def test_sampler_shards_are_disjoint_and_cover_the_split(replicas: int) -> None:
-    def shards(shuffle: bool) -> list[list[tuple[int, list[int]]]]:
-        samplers = [EpochBatchSampler(50, 8, shuffle, seed=3, num_replicas=replicas, rank=r) for r in range(replicas)]
-        return [_epoch(s, 1) for s in samplers]
+@pytest.mark.parametrize("shuffle", [True, False], ids=["training", "evaluation"])
+def test_sampler_shards_are_disjoint_and_cover_the_split(replicas: int, shuffle: bool) -> None:
+    samplers = [EpochBatchSampler(50, 8, shuffle, seed=3, num_replicas=replicas, rank=r) for r in range(replicas)]
+    shards = [_epoch(s, 1) for s in samplers]
+    assert len({len(s) for s in shards}) == 1  # every process takes the same number of batches
+    assert all(0 < len(idx) <= 8 for shard in shards for _, idx in shard)  # none empty, none too large
+    samples = [i for shard in shards for _, idx in shard for i in idx]
+    assert sorted(samples) == list(range(50))  # every image exactly once: nothing repeated, nothing dropped
+    single = [i for _, idx in _epoch(EpochBatchSampler(50, 8, shuffle, seed=3), 1) for i in idx]
+    first_step = [i for shard in shards for i in shard[0][1]]
+    assert first_step == single[: replicas * 8]  # the first step: the single-process order, dealt out
+    seeds = [seed for shard in shards for seed, _ in shard]
+    assert len(set(seeds)) == len(seeds)  # every batch gets its own augmentation seed
 
-    train = shards(shuffle=True)
-    assert len({len(s) for s in train}) == 1  # every process takes the same number of steps
-    batches = [tuple(idx) for shard in train for _, idx in shard]
-    single = [tuple(idx) for _, idx in _epoch(EpochBatchSampler(50, 8, shuffle=True, seed=3), 1)]
-    assert set(batches) == set(single)  # the single-process epoch, split among processes
-    seeds = [seed for shard in train for seed, _ in shard]
-    assert len(set(seeds)) == len(seeds)  # padding batches get their own augmentation seeds
-    evaluation = [i for shard in shards(shuffle=False) for _, idx in shard for i in idx]
-    assert sorted(evaluation) == list(range(50))  # evaluation: every image exactly once
+
+@pytest.mark.parametrize(("length", "batch_size", "replicas"), [(80, 16, 3), (32, 16, 3), (50, 8, 3), (9, 2, 4), (7, 5, 7)])
+def test_shards_take_the_same_number_of_steps_as_before_and_keep_one_process_unchanged(
+    length: int, batch_size: int, replicas: int
+) -> None:
+    parts = [shard(length, batch_size, replicas, r) for r in range(replicas)]
+    assert {len(p) for p in parts} == {-(-length // (replicas * batch_size))}
+    assert sorted(i for p in parts for _, a, b in p for i in range(a, b)) == list(range(length))
+    alone = shard(length, batch_size)
+    assert [(a, b) for _, a, b in alone] == [(a, min(a + batch_size, length)) for a in range(0, length, batch_size)]
+
+
+@pytest.mark.parametrize(("val_size", "batch_size", "message"), [
+    (2, 8, "the validation split cannot be sharded: 2 image(s) for 3 processes: each process needs at least one; "
+           "use --data.val_size 3 or more, or fewer processes."),
+    (16, 1, "the validation split cannot be sharded: 16 images in batches of 1 do not divide evenly among 3 "
+            "processes; use --data.batch_size 2 or more."),
+])
+def test_a_split_too_small_to_shard_is_one_line(data_root: Path, val_size: int, batch_size: int, message: str) -> None:
+    dm = _module(data_root, val_size=val_size, batch_size=batch_size)
+    dm.setup("fit")
+    dm.trainer = SimpleNamespace(training=False, world_size=3, global_rank=0, precision="32-true")
+    with pytest.raises(DataError) as err:
+        dm.val_dataloader()
+    assert str(err.value) == message
 
 
 @pytest.mark.parametrize("prefix", ["train", "t10k"])

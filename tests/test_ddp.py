@@ -1,12 +1,14 @@
-"""Lightning's own DDP on 2 CPU processes (gloo), through the real CLI."""
+"""Lightning's own DDP on 2 and 3 CPU processes (gloo), through the real CLI."""
 
 import json
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import FULL_EPOCHS, N_TRAIN, make_dataset, run
+from conftest import FULL_EPOCHS, N_TEST, N_TRAIN, cli, make_dataset, run, synthetic_split, write_idx
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from senet_pl.checkpoints import load_checkpoint
@@ -53,3 +55,86 @@ def test_ddp_two_processes_shard_reduce_and_checkpoint_once(tmp_path: Path, monk
     assert single.returncode == 0, single.stderr[-3000:]
     line = next(line for line in single.stdout.splitlines() if "val/acc" in line)
     assert float(line.split()[-1]) == pytest.approx(logged, abs=1e-6)
+
+
+# -- 3 processes: an odd number of training batches, fewer validation batches than processes ------------
+
+N_TRAIN_3, VAL_3, BATCH_3 = 112, 32, 16  # 80 training images: 5 batches of 16; validation: 2 batches of 16
+
+
+def run_ddp(cwd: Path, *args: str, timeout: float) -> subprocess.CompletedProcess:
+    """``python -m senet_pl ARGS`` in its own process group, killed whole (Lightning's other ranks too) if it
+    outlasts ``timeout``: a rank waiting in a collective for one that will never come shows up as a timeout."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "senet_pl", *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"DDP run still running after {timeout} s (a hang?):\n{err[-3000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _records(folder: Path, name: str, world: int) -> list[dict]:
+    return [json.loads((folder / f"rank{r}_{name}.json").read_text()) for r in range(world)]
+
+
+def _samples(records: list[dict]) -> list[int]:
+    return [i for record in records for batch in record["batches"] for i in batch]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo DDP on CPU is exercised on Linux")
+def test_ddp_three_processes_every_sample_once_then_resume_with_one(tmp_path: Path, capsys) -> None:
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    for prefix, n, seed in (("train", N_TRAIN_3, 0), ("t10k", N_TEST, 1)):
+        images, labels = synthetic_split(n, seed)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    common = [*FULL_EPOCHS, f"--data.batch_size={BATCH_3}", f"--data.val_size={VAL_3}", "--data.image_size=8",
+              "--trainer.precision=32-true", "--trainer.limit_val_batches=1.0", "--trainer.num_sanity_val_steps=0",
+              "--trainer.max_epochs=2", "--trainer.callbacks+=ddp_probe.ShardRecorder"]
+    # 2 steps an epoch per process: stop 1 step into the second epoch, with last.ckpt written every step
+    result = run_ddp(tmp_path, "fit", *common, f"--trainer.callbacks.out_dir={tmp_path / 'ddp'}", "--trainer.strategy=ddp",
+                     "--trainer.devices=3", "--trainer.max_steps=3", "--last_checkpoint.every_n_train_steps=1", timeout=150)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    # training: disjoint shards covering the split, the same number of steps everywhere, nothing repeated
+    for epoch in (0, 1):
+        records = _records(tmp_path / "ddp", f"epoch{epoch}", 3)
+        assert [r["steps"] for r in records] == [2, 2, 2] and all(r["world_size"] == 3 for r in records)
+        assert sorted(_samples(records)) == list(range(N_TRAIN_3 - VAL_3))
+    # validation: 2 batches' worth among 3 processes, one batch each, every image counted once
+    records = _records(tmp_path / "ddp", "val0", 3)
+    assert [r["steps"] for r in records] == [1, 1, 1]
+    assert sorted(_samples(records)) == list(range(VAL_3))
+
+    # the metrics reduced over the 3 processes are a single-process evaluation's
+    folder = tmp_path / "lightning_logs/mnist/version_0/checkpoints"
+    best = next(folder.glob("best-epoch00-*.ckpt"))
+    events = EventAccumulator(str(folder.parent))
+    events.Reload()
+    logged = {tag: events.Scalars(tag)[-1].value for tag in ("val/acc", "val/loss")}
+    assert len(events.Scalars("val/acc")) == 1  # the validation of epoch 0, whose weights best-epoch00 holds
+    os.chdir(tmp_path)
+    capsys.readouterr()
+    assert cli("validate", *common[:-1], f"--ckpt_path={best}") is None
+    single = {line.split()[0]: float(line.split()[-1]) for line in capsys.readouterr().out.splitlines()
+              if line.split()[:1] in (["val/acc"], ["val/loss"])}
+    assert single["val/acc"] == pytest.approx(logged["val/acc"], abs=1e-6)
+    assert single["val/loss"] == pytest.approx(logged["val/loss"], rel=1e-4)
+
+    # resuming with 1 process: refused mid-epoch (the position counts batches of 3 processes) ...
+    position = load_checkpoint(folder / "last.ckpt")["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert position == {"epoch": 1, "batches_done": 1, "batch_size": BATCH_3, "world_size": 3, "seed": 42}
+    message = cli("fit", *common, f"--trainer.callbacks.out_dir={tmp_path / 'one'}", "--ckpt_path=last")
+    assert message is not None and "1 process(es), but the checkpoint stopped mid-epoch with 3" in message, message
+    # ... and at an epoch boundary it goes on at the start of the next epoch, in 1-process batches
+    assert load_checkpoint(best)["global_step"] == 2
+    assert cli("fit", *common, f"--trainer.callbacks.out_dir={tmp_path / 'one'}", f"--ckpt_path={best}") is None
+    record = _records(tmp_path / "one", "epoch1", 1)[0]
+    assert record["world_size"] == 1 and record["steps"] == 5
+    assert sorted(_samples([record])) == list(range(N_TRAIN_3 - VAL_3))
+    assert load_checkpoint(folder / "last.ckpt")["global_step"] == 2 + 5

@@ -71,3 +71,22 @@ def test_other_loggers_get_no_figures_and_no_error(data_root: Path, tmp_path: Pa
     trainer.validate(SEResNetClassifier(), datamodule=MNISTDataModule(data_dir=str(data_root), val_size=16,
                                                                       download=False), verbose=False)
     assert not hasattr(figures, "confusion")  # inactive: nothing collected, nothing drawn
+
+
+def test_gate_histograms_count_as_histc_does_without_it(monkeypatch) -> None:
+    """The bins are torch.histc's over 0..1 (gates of exactly 0 and 1 included), counted without histc, which
+    torch refuses on a GPU under --trainer.deterministic true (it has no deterministic CUDA kernel)."""
+    gates = torch.rand(300, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16).float()
+    gates[0, :3] = torch.tensor([0.0, 1.0, 0.5])
+    expected = torch.histc(gates, bins=50, min=0, max=1) + torch.histc(gates[:10], bins=50, min=0, max=1)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("histc_cuda does not have a deterministic implementation")
+
+    monkeypatch.setattr(torch, "histc", refuse)
+    figures = TensorBoardFigures(bins=50)
+    figures.gates = {}
+    figures._record_gates("layer1.0", gates)
+    figures._record_gates("layer1.1", gates[:10])
+    assert torch.equal(figures.gates["layer1"][5:], expected)
+    assert figures.gates["layer1"][0] == 310 * 64  # the count

@@ -191,3 +191,34 @@ def test_ema_weights_are_what_validation_checkpoints_and_test_use(data_root: Pat
     L.Trainer(callbacks=[seen], **limits).test(SEResNetClassifier(ema_decay=0.5), datamodule=dm,
                                                ckpt_path=tmp_path / "ckpt" / "end.ckpt")
     assert torch.equal(seen.tested[-1], average)
+
+
+def test_fused_sgd_momentum_survives_a_skipped_first_step() -> None:
+    """The recipes' fused SGD under a gradient scaler whose first step overflows: the step is skipped and the
+    next ones update the weights exactly as the plain (per-parameter) SGD does, not with uninitialized momentum."""
+    torch.manual_seed(0)
+    fused = SEResNetClassifier(depth=18)
+    plain = SEResNetClassifier(depth=18, optimizer=lambda p: torch.optim.SGD(
+        p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, fused=False))
+    plain.load_state_dict(fused.state_dict())
+    optimizers = [fused.configure_optimizers(), plain.configure_optimizers()]
+    assert optimizers[0].defaults["fused"] and not optimizers[1].defaults["fused"]
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**8) for _ in optimizers]
+    for scaler in scalers:
+        scaler.scale(torch.zeros(()))  # as a loss would be (the gradients below stand for its scaled ones)
+    generator = torch.Generator().manual_seed(1)
+    for step in range(3):
+        grads = [torch.randn(p.shape, generator=generator) for p in fused.parameters()]
+        if step == 0:
+            grads[0][0] = float("inf")  # an fp16 overflow
+        for module, optimizer, scaler in zip((fused, plain), optimizers, scalers):
+            for p, g in zip(module.parameters(), grads):
+                p.grad = g.clone().contiguous(memory_format=torch.channels_last) if p.dim() == 4 else g.clone()
+            scaler.step(optimizer)
+            scaler.update()
+        if step == 0:
+            assert all(torch.equal(a, b) for a, b in zip(fused.parameters(), plain.parameters()))  # skipped
+    assert scalers[0].get_scale() == scalers[1].get_scale() == 2.0**7
+    for a, b in zip(fused.parameters(), plain.parameters()):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

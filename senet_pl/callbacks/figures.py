@@ -54,7 +54,9 @@ class TensorBoardFigures(L.Callback):
         stage = block.split(".")[0]
         g = gates.float()
         stats = torch.stack([g.new_tensor(g.numel()), g.sum(), (g * g).sum(), g.min(), g.max()])
-        counts = torch.histc(g, bins=self.bins, min=0, max=1)
+        # torch.histc's bins over 0..1, counted with bincount: histc has no deterministic CUDA kernel, and
+        # --trainer.deterministic true makes torch refuse it on a GPU.
+        counts = torch.bincount((g.flatten() * self.bins).long().clamp_(0, self.bins - 1), minlength=self.bins).float()
         if stage in self.gates:
             old = self.gates[stage]
             stats = torch.stack([old[0] + stats[0], old[1] + stats[1], old[2] + stats[2],

@@ -230,7 +230,14 @@ class MNISTDataModule(L.LightningDataModule):
         # DistributedSampler uses it.
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         shards = {"num_replicas": self.trainer.world_size, "rank": self.trainer.global_rank} if self.trainer else {}
-        sampler = EpochBatchSampler(len(dataset), self.hparams.batch_size, shuffle, seed, **shards)
+        try:
+            sampler = EpochBatchSampler(len(dataset), self.hparams.batch_size, shuffle, seed, **shards)
+        except ValueError as err:  # too few images to give every process the same number of batches
+            split = {id(self.train_set): "training", id(self.val_set): "validation"}.get(id(dataset), "evaluated")
+            fix = "--data.batch_size 2 or more" if self.hparams.batch_size == 1 else "fewer processes"
+            if split == "validation" and self.hparams.batch_size > 1:
+                fix = f"--data.val_size {shards['num_replicas']} or more, or fewer processes"
+            raise DataError(f"the {split} split cannot be sharded: {err}; use {fix}.") from None
         if shuffle:
             return ResumableLoader(dataset, sampler, self, **workers)
         return DataLoader(dataset, sampler=sampler, batch_size=None, **workers)

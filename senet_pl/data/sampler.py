@@ -13,6 +13,37 @@ def _mix(*values: int) -> int:
     return hash(values) & (2**63 - 1)
 
 
+def shard(length: int, batch_size: int, replicas: int = 1, rank: int = 0) -> list[tuple[int, int, int]]:
+    """Process ``rank``'s batches of an epoch order of ``length`` samples: ``(batch number, start, stop)`` into it.
+
+    Step s takes the next ``replicas x batch_size`` samples of the order, process r the r-th ``batch_size``
+    of them (batch number s * replicas + r). The samples left for the last step are divided among the
+    processes as evenly as possible (when there are fewer of them than processes, the last two steps'
+    are), so that every process takes the same number of batches, none empty, and every sample is taken
+    exactly once: nothing is dropped or repeated. One process: batches of ``batch_size``, the last shorter.
+    Raises ValueError (a short reason) when that is impossible: fewer samples than processes, or batches
+    of 1 whose count does not divide by the number of processes.
+    """
+    if length < replicas:
+        raise ValueError(f"{length} image(s) for {replicas} processes: each process needs at least one")
+    per_step = replicas * batch_size
+    steps = -(-length // per_step)
+    tail_steps = 1 if length - (steps - 1) * per_step >= replicas else 2
+    if tail_steps == 2 and batch_size == 1:
+        raise ValueError(f"{length} images in batches of 1 do not divide evenly among {replicas} processes")
+    first = (steps - tail_steps) * per_step  # where the evenly divided tail starts
+    batches = [(s * replicas + rank, s * per_step + rank * batch_size, s * per_step + (rank + 1) * batch_size)
+               for s in range(steps - tail_steps)]
+    base, extra = divmod(length - first, tail_steps * replicas)
+    start = first
+    for j in range(tail_steps * replicas):  # tail batch j: step steps - tail_steps + j // replicas, process j % replicas
+        stop = start + base + (j < extra)
+        if j % replicas == rank:
+            batches.append(((steps - tail_steps) * replicas + j, start, stop))
+        start = stop
+    return batches
+
+
 class EpochBatchSampler(DistributedSampler):
     """Yields ``(seed, indices)`` per batch; order and seed depend only on (seed, epoch, batch number).
 
@@ -20,11 +51,11 @@ class EpochBatchSampler(DistributedSampler):
     (seed, epoch), so it never depends on what ran before; the batch seed drives the batch's
     augmentation. ``resume`` starts the next iteration part-way into an epoch.
 
-    Under DDP each of the ``num_replicas`` processes takes every num_replicas-th batch of the
-    same order, so the shards are disjoint and cover the split. For training (``shuffle``) the order
-    is padded with its first batches so that every process takes the same number of steps;
-    evaluation is not padded, so that metrics count every image once. Being a DistributedSampler,
-    Lightning uses it as it is instead of wrapping it.
+    Under DDP the order is divided among the ``num_replicas`` processes by ``shard``: disjoint shards
+    that cover the split, the same number of batches on every process (for training and evaluation
+    alike, so that no process waits in a collective for one that has run out of batches), and every
+    sample counted once in the metrics. Being a DistributedSampler, Lightning uses it as it is instead
+    of wrapping it.
     """
 
     def __init__(
@@ -32,7 +63,7 @@ class EpochBatchSampler(DistributedSampler):
     ) -> None:
         super().__init__(range(length), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
         self.length, self.batch_size = length, batch_size
-        self.n_batches = -(-length // batch_size)  # the last one may be short
+        self.batches = shard(length, batch_size, num_replicas, rank)  # ValueError: see shard
         self._skip = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -44,14 +75,8 @@ class EpochBatchSampler(DistributedSampler):
     def resume(self, epoch: int, batches_done: int) -> None:
         self.epoch, self._skip = epoch, batches_done
 
-    def _batches(self) -> range:
-        total = self.n_batches
-        if self.shuffle:  # training: padded to the same number on every process
-            total = -(-total // self.num_replicas) * self.num_replicas
-        return range(self.rank, total, self.num_replicas)
-
     def __len__(self) -> int:
-        return len(self._batches())
+        return len(self.batches)
 
     def __iter__(self):
         if self.shuffle:
@@ -59,9 +84,8 @@ class EpochBatchSampler(DistributedSampler):
         else:
             order = torch.arange(self.length)
         skip, self._skip = self._skip, 0
-        for b in self._batches()[skip:]:
-            start = (b % self.n_batches) * self.batch_size  # padding batches wrap around to the start
-            yield _mix(self.seed, self.epoch, b), order[start : start + self.batch_size].tolist()
+        for b, start, stop in self.batches[skip:]:
+            yield _mix(self.seed, self.epoch, b), order[start:stop].tolist()
 
 
 class ResumableLoader(DataLoader):

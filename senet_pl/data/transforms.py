@@ -42,7 +42,8 @@ def transform_batch(
     Pure: the same inputs give the same batch, which is what makes a resumed run exact."""
     x = x.float().div_(255)
     augment = translate or hflip or (erasing is not None and erasing.p > 0)
-    generator = torch.Generator(x.device).manual_seed(seed) if augment and seed is not None else None
+    # Drawn on the host, so that a batch gets the same augmentation on a CPU and on a GPU (their generators differ).
+    generator = torch.Generator().manual_seed(seed) if augment and seed is not None else None
     if translate:
         # before normalizing: the zeros shifted in are black only in [0, 1]
         x = random_translate(x, translate, generator)
@@ -65,7 +66,8 @@ def transform_batch(
 def random_translate(x: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Shift every image of a batch by its own random whole-pixel offset in [-max_shift, max_shift], zero-filled."""
     n, _, h, w = x.shape
-    shift = torch.randint(-max_shift, max_shift + 1, (n, 2), device=x.device, generator=generator)
+    device = generator.device if generator is not None else x.device
+    shift = torch.randint(-max_shift, max_shift + 1, (n, 2), device=device, generator=generator).to(x.device)
     # Every h x w window of the zero-padded batch, at every offset, as a view (n, c, 2m+1, 2m+1, h, w);
     # one indexing operation copies out each image's own window. Content moves by +shift, so the
     # window starts m - shift into the padding. (2x faster on CPU than gathering pixel by pixel,
@@ -79,7 +81,8 @@ def random_translate(x: torch.Tensor, max_shift: int, generator: torch.Generator
 def random_hflip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Mirror each image of a batch left to right with probability 1/2, independently
     (``torchvision.transforms.v2.RandomHorizontalFlip`` per image, in one operation for the batch)."""
-    flip = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5
+    device = generator.device if generator is not None else x.device
+    flip = torch.rand(x.shape[0], device=device, generator=generator).to(x.device) < 0.5
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
@@ -94,7 +97,7 @@ def random_erasing(x: torch.Tensor, erasing: Erasing, generator: torch.Generator
     (rounded sides) is placed uniformly and filled with ``value`` in every channel; if none fits, the image
     is kept. Here all images' attempts are drawn at once from ``generator``."""
     n, _, h, w = x.shape
-    device = x.device
+    device = generator.device if generator is not None else x.device  # draws there, masks on x's device
 
     def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
         return torch.rand(*shape, device=device, generator=generator, dtype=torch.float64) * (high - low) + low
@@ -111,7 +114,8 @@ def random_erasing(x: torch.Tensor, erasing: Erasing, generator: torch.Generator
     # The position, uniform over the places the rectangle fits (torch.randint(0, h - eh + 1) per image).
     top = (uniform(0, 1, n) * (h - eh + 1)).floor().long()
     left = (uniform(0, 1, n) * (w - ew + 1)).floor().long()
-    rows, cols = torch.arange(h, device=device), torch.arange(w, device=device)
+    apply, eh, ew, top, left = (t.to(x.device) for t in (apply, eh, ew, top, left))
+    rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
     inside_rows = (rows >= top[:, None]) & (rows < (top + eh)[:, None])
     inside_cols = (cols >= left[:, None]) & (cols < (left + ew)[:, None])
     mask = apply[:, None, None] & inside_rows[:, :, None] & inside_cols[:, None, :]

@@ -168,7 +168,9 @@ def case_train(args: SimpleNamespace, kind: str, size: int, batch: int) -> float
 
 def _precision(device: torch.device) -> str:
     """What the default recipe's ``bf16-mixed`` becomes on this hardware."""
-    return resolve_precision("bf16-mixed", "gpu" if device.type == "cuda" else "cpu")
+    if device.type == "cuda":
+        return resolve_precision("bf16-mixed", "gpu", [device.index or 0])
+    return resolve_precision("bf16-mixed", "cpu")
 
 
 def _fit(args: SimpleNamespace, size: int, batch: int, steps: int, warmup: int, compile: bool = False) -> float:
