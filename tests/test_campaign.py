@@ -116,6 +116,7 @@ def test_the_whole_campaign_writes_measured_results(tmp_path: Path, one_thread: 
         assert text in md, text
 
 
+@pytest.mark.slow
 def test_budgets_failures_and_no_time_left(tmp_path: Path, one_thread: None) -> None:
     options = _tiny(tmp_path, sleep=60) | {"data_dir": str(tmp_path / "nothing"), "gpu_tests_s": 2}
     started = time.monotonic()
@@ -179,6 +180,7 @@ def test_goals_judge_only_what_was_measured_at_the_goals_settings() -> None:
     assert goals(results, settings | {"bench_size": 56})[1]["verdict"] == "not measured"
 
 
+@pytest.mark.slow
 def test_a_child_at_its_limit_is_ended_with_its_own_children() -> None:
     script = "import subprocess, sys, time; p = subprocess.Popen(['sleep', '60']); print(p.pid, flush=True); time.sleep(60)"
     finished = run_process([sys.executable, "-c", script], timeout=2, grace=1)
