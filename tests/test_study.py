@@ -1,13 +1,17 @@
 """The study script runs end to end with tiny settings and writes its table."""
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-from conftest import make_dataset
+import pytest
+from conftest import REPO, make_dataset
 
 from senet_pl.model import SEResNet
-from senet_pl.tools.study import forward_flops
+from senet_pl.tools import study as study_module
+from senet_pl.tools.study import forward_flops, study
 
 
 def test_flops_count_exactly_what_se_and_the_classifier_add() -> None:
@@ -22,8 +26,10 @@ def test_flops_count_exactly_what_se_and_the_classifier_add() -> None:
 def test_study_runs_every_model_and_seed_and_writes_the_table(tmp_path: Path) -> None:
     make_dataset(tmp_path / "data")
     args = ["--data_dir=data", "--seeds=2", "--reductions=[4]", "--train_batches=2", "--val_size=16",
-            "--out=table.md", "--args=[--data.batch_size=8,--trainer.limit_val_batches=1,--trainer.limit_test_batches=2]"]
-    result = subprocess.run([sys.executable, "-m", "senet_pl.tools.study", *args], cwd=tmp_path,
+            "--out=table.md", "--json_out=study.json",
+            "--args=[--data.batch_size=8,--trainer.limit_val_batches=1,--trainer.limit_test_batches=2]"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # this checkout, not whichever one is installed
+    result = subprocess.run([sys.executable, "-m", "senet_pl.tools.study", *args], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     table = (tmp_path / "table.md").read_text()
@@ -38,5 +44,28 @@ def test_study_runs_every_model_and_seed_and_writes_the_table(tmp_path: Path) ->
         assert len(per_seed) == 2 and all(0 <= a <= 100 for a in per_seed)
         assert abs(mean - sum(per_seed) / 2) < 0.01 and std >= 0
         assert float(r[5]) > 0
-    runs = sorted(p.name for p in (tmp_path / "lightning_logs" / "study_mnist").iterdir())
-    assert runs == ["resnet_seed0", "resnet_seed1", "se_r4_seed0", "se_r4_seed1"]
+    # the plain ResNet's runs under the recipe's name plus _no_se, as every se: false run of the CLI
+    assert sorted(p.name for p in (tmp_path / "lightning_logs" / "study_mnist").iterdir()) == ["se_r4_seed0", "se_r4_seed1"]
+    assert sorted(p.name for p in (tmp_path / "lightning_logs" / "study_mnist_no_se").iterdir()) == ["resnet_seed0", "resnet_seed1"]
+    saved = json.loads((tmp_path / "study.json").read_text())
+    assert saved["finished"] and saved["table"] == table and (saved["planned_runs"], saved["completed_runs"]) == (4, 4)
+    assert [(r["model"], r["seed"]) for r in saved["runs"]] == [("ResNet", 0), ("SE-ResNet r=4", 0), ("ResNet", 1), ("SE-ResNet r=4", 1)]
+    assert [100 * r["acc"] for r in saved["runs"][::2]] == pytest.approx([float(a) for a in rows[0][4].split(",")], abs=0.006)
+
+
+def test_a_study_over_its_budget_stops_between_runs_with_every_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [0.0]
+
+    def run(args: list[str]) -> dict:  # each run takes 10 s of the study's clock
+        now[0] += 10
+        return {"acc": 0.5, "params": 1, "flops": 2, "images_per_s": 3.0}
+
+    monkeypatch.setattr(study_module.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(study_module, "_run", run)
+    table = study(seeds=3, reductions=[4, 8], budget_s=45, out=str(tmp_path / "t.md"), json_out=str(tmp_path / "s.json"))
+    saved = json.loads((tmp_path / "s.json").read_text())
+    # seed 0 of every model first; a run is assumed to take as long as the longest so far (10 s)
+    assert [(r["model"], r["seed"]) for r in saved["runs"]] == [
+        ("ResNet", 0), ("SE-ResNet r=4", 0), ("SE-ResNet r=8", 0), ("ResNet", 1)]
+    assert (saved["planned_runs"], saved["completed_runs"]) == (9, 4) and saved["stopped"].startswith("budget: 4 of 9 runs")
+    assert "Stopped by the budget: 4 of 9 runs" in table and "| SE-ResNet r=8 |" in table

@@ -20,7 +20,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +30,7 @@ from jsonargparse.typing import PositiveInt
 
 from senet_pl.precision import input_dtype, resolve_precision
 from senet_pl.tools import run_as_cli
+from senet_pl.tools.process import run_process
 
 
 def _device() -> torch.device:
@@ -193,25 +193,27 @@ def _fit(args: SimpleNamespace, size: int, batch: int, steps: int, warmup: int, 
             logger=TensorBoardLogger(logs, name="bench"),
             enable_checkpointing=False,
             enable_model_summary=False,
+            benchmark=args.cudnn_benchmark,
             callbacks=[clock],
         )
         trainer.fit(model, datamodule=dm)
     return clock.images_per_s
 
 
-def _run_case(name: str, argv: list[str]) -> dict:
-    """One case in a fresh process; returns its images/s and peak memory."""
-    result = subprocess.run(
-        [sys.executable, "-m", "senet_pl.tools.bench", "--case", name, *argv], capture_output=True, text=True
-    )
+def _run_case(name: str, argv: list[str], timeout: float | None = None) -> dict:
+    """One case in a fresh process; returns its images/s and peak memory (and the process's wall time)."""
+    result = run_process(["python", "-m", "senet_pl.tools.bench", "--case", name, *argv], timeout=timeout)
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    if result.timed_out:
+        raise SystemExit(f"benchmark case {name} did not finish within {timeout:.0f} s")
     if result.returncode or not lines:
         raise SystemExit(f"benchmark case {name} failed:\n{result.stderr[-3000:]}")
-    return json.loads(lines[-1])
+    return json.loads(lines[-1]) | {"seconds": result.seconds}
 
 
 def _one_case(args: SimpleNamespace) -> None:
     section, kind, size, batch = args.case.split(":")
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     function = case_data if section == "data" else case_train
     images_per_s = function(args, kind, int(size), int(batch))
     gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
@@ -234,6 +236,7 @@ def bench(
     inference: bool = False,
     latency_runs: PositiveInt = 200,
     inference_batch: PositiveInt = 256,
+    cudnn_benchmark: bool = False,
     case: str | None = None,
 ) -> None:
     """Benchmark the data path, training throughput, Lightning overhead and peak memory, side by side.
@@ -256,6 +259,8 @@ def bench(
             ONNX Runtime, fp32, and the files' sizes (needs the export extra).
         latency_runs: single-image calls timed for the latency percentiles.
         inference_batch: the batch of the throughput row.
+        cudnn_benchmark: let cuDNN time its convolution algorithms on the first batches and keep the fastest
+            (``torch.backends.cudnn.benchmark``; the Trainer's ``benchmark``); GPU only.
         case: internal: run one case in this process and print its result as JSON.
     """
     args = SimpleNamespace(**locals())

@@ -4,10 +4,13 @@ Trains the plain ResNet and SE-ResNets with reduction ratios r (the paper's Tabl
 for several seeds with one recipe, tests each run's final weights on the official test split,
 and writes a Markdown table: test accuracy mean +/- standard deviation over the seeds,
 parameters, forward FLOPs per image (``torch.utils.flop_counter``), training images/s.
+The runs go seed by seed (every model with seed 0, then seed 1 ...), so that a study cut short by
+``--budget_s`` (the GPU campaign's) still compares every model; ``--json`` keeps every run as it ends.
 Every run goes through the project's CLI (``fit`` then ``test``) and logs to TensorBoard as
 ``lightning_logs/study_<dataset>/<variant>_seed<N>`` (the plain ResNet's in ``study_<dataset>_no_se``).
 """
 
+import json
 import os
 import platform
 import statistics
@@ -16,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from jsonargparse.typing import PositiveInt
+from jsonargparse.typing import PositiveFloat, PositiveInt
 from torch.utils.flop_counter import FlopCounterMode
 
 from senet_pl.data import DatasetName
@@ -70,6 +73,8 @@ def study(
     train_batches: PositiveInt | None = None,
     val_size: PositiveInt = 5000,
     out: str | None = None,
+    json_out: str | None = None,
+    budget_s: PositiveFloat | None = None,
     args: list[str] = [],
 ) -> str:
     """Train ResNet and SE-ResNets (one per reduction ratio) for several seeds; write a Markdown table.
@@ -84,6 +89,9 @@ def study(
         train_batches: training batches per epoch (default: the whole training split).
         val_size: images held out of the training split for validation.
         out: Markdown file to write (default: study_<dataset>.md).
+        json_out: JSON file rewritten after every run: the settings, every run so far, and the table.
+        budget_s: start no run that would end after this many seconds from the start (a run is assumed to
+            take as long as the longest so far); the table says how many of the planned runs ran.
         args: further CLI options for every run, e.g. ["--data.batch_size=64"].
     """
     variants = [("ResNet", ["--model.se=false"])]
@@ -101,32 +109,61 @@ def study(
         *([f"--trainer.limit_train_batches={train_batches}"] if train_batches else []),
         *args,
     ]
-    results: dict[str, list[dict]] = {}
+    results: dict[str, list[dict]] = {name: [] for name, _ in variants}
+    runs: list[dict] = []
+    planned = len(variants) * seeds
     started = time.perf_counter()
-    for name, options in variants:
-        for seed in range(seeds):
+    stopped = None
+    for seed in range(seeds):  # seed by seed: a study cut short still has every model
+        for name, options in variants:
+            elapsed = time.perf_counter() - started
+            longest = max((r["seconds"] for r in runs), default=0.0)
+            if budget_s is not None and runs and elapsed + longest > budget_s:
+                stopped = f"budget: {len(runs)} of {planned} runs in {elapsed:.0f} s of {budget_s:.0f} s"
+                break
             tag = name.replace("SE-ResNet r=", "se_r").lower()
             logger = [f"--trainer.logger.init_args.name=study_{dataset}", f"--trainer.logger.init_args.version={tag}_seed{seed}"]
+            begun = time.perf_counter()
             result = _run([*common, *options, f"--seed_everything={seed}", *logger])
-            results.setdefault(name, []).append(result)
+            result |= {"model": name, "seed": seed, "seconds": time.perf_counter() - begun}
+            results[name].append(result)
+            runs.append(result)
             print(f"{name}, seed {seed}: test/acc {result['acc']:.4f}, {result['images_per_s']:.1f} img/s",
                   file=sys.stderr, flush=True)
+            if json_out:
+                _write_json(json_out, runs, planned, None, None)
+        if stopped:
+            print(f"stopped by the {stopped}", file=sys.stderr, flush=True)
+            break
     minutes = (time.perf_counter() - started) / 60
-    table = _table(results, dataset, seeds, epochs, train_batches, minutes, sys.argv[1:])
+    results = {name: r for name, r in results.items() if r}
+    table = _table(results, dataset, seeds, epochs, train_batches, minutes, sys.argv[1:], stopped)
     path = Path(out or f"study_{dataset}.md")
     path.write_text(table)
+    if json_out:
+        _write_json(json_out, runs, planned, stopped, table)
     print(table)
     print(f"written to {path}", file=sys.stderr)
     return table
 
 
+def _write_json(path: str, runs: list[dict], planned: int, stopped: str | None, table: str | None) -> None:
+    """The runs so far (and, at the end, the table), replaced whole so that a reader never sees half a file."""
+    data = {"planned_runs": planned, "completed_runs": len(runs), "stopped": stopped, "finished": table is not None,
+            "command": ["python", "-m", "senet_pl.tools.study", *sys.argv[1:]], "runs": runs, "table": table}
+    partial = Path(f"{path}.partial")
+    partial.write_text(json.dumps(data, indent=1) + "\n")
+    partial.replace(path)
+
+
 def _table(results: dict[str, list[dict]], dataset: str, seeds: int, epochs: int, train_batches: int | None,
-           minutes: float, argv: list[str]) -> str:
+           minutes: float, argv: list[str], stopped: str | None = None) -> str:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{_cpu_name()}, {os.cpu_count()} cores"
     lines = [
         f"**{dataset}**: {epochs} epoch(s), {seeds} seed(s) per model"
         + (f", {train_batches} training batches per epoch" if train_batches else "")
-        + f"; {minutes:.0f} min on {device}, torch {torch.__version__}.",
+        + f"; {minutes:.0f} min on {device}, torch {torch.__version__}."
+        + (f" Stopped by the {stopped}." if stopped else ""),
         f"Command: `python -m senet_pl.tools.study {' '.join(argv)}`",
         "",
         "| model | parameters | forward GFLOPs/image | test accuracy (%) | per seed (%) | training images/s |",
