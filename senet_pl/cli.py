@@ -241,14 +241,16 @@ class SENetCLI(LightningCLIHooks):
     before_validate = before_test = before_predict = before_analyze = before_export = _check_weights
 
     def after_fit(self) -> None:
+        log_dir = self.trainer.log_dir  # on every process: under DDP it is a broadcast
         if self.trainer.is_global_zero:
             latest = [c.saved for c in self.trainer.checkpoint_callbacks if isinstance(c, LatestCheckpoint) and c.saved]
-            config = Path(self.trainer.log_dir) / "config.yaml" if self.trainer.log_dir else None
-            print("\n".join(self.summary.fit_lines(self.trainer, config, Path(latest[0][0]) if latest else None)))
+            print("\n".join(self.summary.fit_lines(self.trainer, log_dir, Path(latest[0][0]) if latest else None)))
 
     def _after_evaluation(self) -> None:
+        log_dir = self.trainer.log_dir
         if self.trainer.is_global_zero:
-            print(self.summary.eval_line(self.trainer, self.subcommand, self.config[self.subcommand].get("ckpt_path")))
+            ckpt_path = self.config[self.subcommand].get("ckpt_path")
+            print(self.summary.eval_line(self.trainer, self.subcommand, ckpt_path, log_dir))
 
     after_validate = after_test = after_analyze = _after_evaluation
 

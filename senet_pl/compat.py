@@ -72,3 +72,17 @@ def quiet() -> None:
             logger.addFilter(_DropInfo())
     for message in UNACTIONABLE_WARNINGS:
         warnings.filterwarnings("ignore", message=f".*{message}")
+
+
+def estimated_steps(trainer: L.Trainer) -> int | float:
+    """``trainer.estimated_stepping_batches``, safe to ask from ``configure_optimizers``.
+
+    Asked there, Lightning sets up the training data early, before the checkpoint's loop state is restored;
+    fit's own ``setup_data`` then returns early and never loads the loader's saved position, so a resumed
+    run would replay or skip batches. The early loader is dropped, and fit sets it up again with the state.
+    """
+    early = trainer.train_dataloader is None
+    steps = trainer.estimated_stepping_batches
+    if early:
+        trainer.fit_loop._combined_loader = None
+    return steps

@@ -16,6 +16,7 @@ from torch.optim.lr_scheduler import ChainedScheduler, ReduceLROnPlateau
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from senet_pl.compat import estimated_steps
 from senet_pl.ema import EMA
 from senet_pl.model import Depth, SEResNet, Stem
 from senet_pl.schedule import build_schedule, ramp, resize, warmup
@@ -207,7 +208,7 @@ class SEResNetClassifier(L.LightningModule):
             trainer = self.trainer
         except RuntimeError:
             return None
-        steps = trainer.estimated_stepping_batches
+        steps = estimated_steps(trainer)
         if self.hparams.lr_interval == "epoch" and steps != float("inf"):
             per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
             return math.ceil(steps / max(per_epoch, 1))

@@ -44,6 +44,9 @@ def assert_same_weights(a: Path, b: Path) -> None:
 # -- exact resume ------------------------------------------------------------------------------
 
 EXACT = [*FULL_EPOCHS, "--trainer.deterministic=true", "--trainer.max_epochs=2"]
+# A run cut short by max_epochs or max_steps plans a shorter schedule; these give the first part the length
+# of the uninterrupted run's (its T_max left out: its last step's index), so that only the resume is tested.
+PLANNED = "--model.lr_scheduler.init_args.T_max=19"  # EXACT: 2 epochs of 10 steps
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +67,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_resume_at_epoch_boundary_is_bitwise_exact(tmp_path: Path, uninterrupted: Path) -> None:
     make_dataset(tmp_path / "data")
-    fit(*EXACT, "--trainer.max_epochs=1")
+    fit(*EXACT, "--trainer.max_epochs=1", PLANNED)
     assert load_checkpoint(CHECKPOINTS / "last.ckpt")["global_step"] == STEPS_PER_EPOCH
     fit(*EXACT, "--ckpt_path=last")
     assert load_checkpoint(CHECKPOINTS / "last.ckpt")["global_step"] == 2 * STEPS_PER_EPOCH
@@ -74,7 +77,7 @@ def test_resume_at_epoch_boundary_is_bitwise_exact(tmp_path: Path, uninterrupted
 def test_resume_mid_epoch_neither_replays_nor_skips(tmp_path: Path, uninterrupted: Path) -> None:
     make_dataset(tmp_path / "data")
     # Stop 4 steps into the second epoch, with last.ckpt written every 2 steps.
-    fit(*EXACT, "--trainer.max_steps=14", "--last_checkpoint.every_n_train_steps=2")
+    fit(*EXACT, "--trainer.max_steps=14", "--last_checkpoint.every_n_train_steps=2", PLANNED)
     state = load_checkpoint(CHECKPOINTS / "last.ckpt")
     assert state["global_step"] == 14
     position = {"epoch": 1, "batches_done": 4, "batch_size": 8, "world_size": 1, "seed": 42}
@@ -183,7 +186,7 @@ def test_a_signal_in_any_phase_of_fit_keeps_every_step_and_resumes_exactly(
     make_dataset(tmp_path / "data")
     resume = []
     if phase == "sanity":  # a resumed run, stopped in the sanity check before its first step
-        fit(*SHORT, "--trainer.max_epochs=1")
+        fit(*SHORT, "--trainer.max_epochs=1", "--model.lr_scheduler.init_args.T_max=9")  # SHORT: 10 steps
         resume = ["--ckpt_path=last"]
     code, stderr = _signalled(capsys, phase, signum, "fit", *SHORT, *resume)
     assert code == status, stderr[-2000:]
@@ -397,7 +400,8 @@ def test_a_resumed_ema_run_ends_equal_to_an_uninterrupted_one(
     make_dataset(tmp_path / "data")
     last = CHECKPOINTS / "last.ckpt"
     if stop == "mid-epoch":
-        fit(*EMA_RUN, "--trainer.max_steps=4", "--last_checkpoint.every_n_train_steps=2")
+        fit(*EMA_RUN, "--trainer.max_steps=4", "--last_checkpoint.every_n_train_steps=2",
+            "--model.lr_scheduler.init_args.T_max=5")  # the 6-step run's schedule (PLANNED)
     else:  # the average is swapped in while validating: last.ckpt must still hold it as the average
         code, stderr = _signalled(capsys, "validation", signal.SIGTERM, "fit", *EMA_RUN)
         assert code == 143, stderr[-2000:]

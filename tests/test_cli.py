@@ -57,7 +57,7 @@ def test_checkpoint_loads_safely_with_plain_hyperparameters(trained: Path) -> No
     )
     hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
     assert hparams["depth"] == 18 and hparams["se"] is True and hparams["num_classes"] == 10
-    assert all(isinstance(v, (int, float, str, bool)) for v in hparams.values()), hparams
+    assert all(v is None or isinstance(v, (int, float, str, bool)) for v in hparams.values()), hparams
     assert ckpt["global_step"] == 6
 
 

@@ -55,3 +55,23 @@ def test_lightning_cli_still_calls_the_steps_this_project_replaces() -> None:
     init = inspect.getsource(LightningCLI.__init__)
     assert "self._parse_ckpt_path()" in init and "self._run_subcommand(self.subcommand)" in init
     assert set(inspect.signature(LightningCLI._run_subcommand).parameters) == {"self", "subcommand"}
+
+
+def test_estimated_steps_drops_the_early_training_loader(tmp_path) -> None:
+    """Asked from configure_optimizers, the step count sets up the training data early; compat drops that
+    loader (fit_loop._combined_loader) so that fit sets it up again, with a resumed run's loader state."""
+    from senet_pl.module import SEResNetClassifier
+
+    seen = {}
+
+    class Probe(SEResNetClassifier):
+        def configure_optimizers(self):
+            seen["steps"] = compat.estimated_steps(self.trainer)
+            seen["dropped"] = self.trainer.fit_loop._combined_loader is None
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    data = torch.utils.data.TensorDataset(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)))
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(Probe(depth=18), train_dataloaders=torch.utils.data.DataLoader(data, batch_size=4))
+    assert seen == {"steps": 2, "dropped": True} and trainer.global_step == 2

@@ -105,7 +105,11 @@ def _batch() -> list[torch.Tensor]:
 def _logged(module: SEResNetClassifier) -> dict:
     """What the module's steps log (name -> value), without a Trainer."""
     logged = {}
-    module.log = lambda name, value, **kwargs: logged.__setitem__(name, value)
+
+    def log(name, value, **kwargs) -> None:  # a metric object (val/test loss, a weighted mean) gives its value
+        logged[name] = value.compute() if hasattr(value, "compute") else value
+
+    module.log = log
     return logged
 
 

@@ -146,7 +146,7 @@ class TensorBoardFigures(L.Callback):
             params["optimizer"] = type(optimizer).__name__
             params |= {f"optimizer/{k}": v for k, v in optimizer.defaults.items()}
         params = {k: v for k, v in params.items() if isinstance(v, (bool, int, float, str))}
-        if not trainer.optimizers and (Path(trainer.log_dir) / "checkpoints").is_dir():
+        if not trainer.optimizers and (Path(trainer.logger.log_dir) / "checkpoints").is_dir():  # (trainer.log_dir: a collective)
             return  # evaluating in a trained run's folder: fit's HParams entry already names the test metrics
         metrics = {k: 0.0 for k in trainer.callback_metrics if k.split("/")[0] in ("train", "val", "test")}
         if not metrics:

@@ -34,8 +34,10 @@ class RunSummary(Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.seconds = time.perf_counter() - self.started
 
-    def fit_lines(self, trainer: L.Trainer, config: Path | None, last: Path | None) -> list[str]:
-        """The end of ``fit``: the best and last checkpoints, epochs, steps, time, speed and the next command."""
+    def fit_lines(self, trainer: L.Trainer, log_dir: str | None, last: Path | None) -> list[str]:
+        """The end of ``fit``: the best and last checkpoints, epochs, steps, time, speed and the next command.
+        (``log_dir``: ``trainer.log_dir``, which every process must ask for under DDP: it is a collective.)"""
+        config = Path(log_dir) / "config.yaml" if log_dir else None
         steps = trainer.global_step - self.start_step
         speed = f", {self.images / self.train_seconds:,.0f} training images/s" if self.train_seconds and self.images else ""
         lines = [f"fit done: {trainer.current_epoch} epoch(s), step {trainer.global_step} ({steps} in this run) "
@@ -49,15 +51,15 @@ class RunSummary(Callback):
         if best is not None and best.best_model_path:
             given = f"--config {config} " if config is not None and config.is_file() else ""
             lines.append(f"next: python -m senet_pl test {given}--ckpt_path {best.best_model_path}")
-        if trainer.log_dir:
-            lines.append(f"curves: tensorboard --logdir {Path(trainer.log_dir).parent}")
+        if log_dir:
+            lines.append(f"curves: tensorboard --logdir {Path(log_dir).parent}")
         return lines
 
     @staticmethod
-    def eval_line(trainer: L.Trainer, subcommand: str, ckpt_path: str | None) -> str:
+    def eval_line(trainer: L.Trainer, subcommand: str, ckpt_path: str | None, log_dir: str | None) -> str:
         """The end of test, validate, predict and analyze: what was evaluated and where it was logged."""
         metrics = {k: v for k, v in trainer.callback_metrics.items() if k.endswith("/acc")}
         shown = ", ".join(f"{k} {float(v):.4f}" for k, v in sorted(metrics.items()))
-        where = f"; logged to {trainer.log_dir}" if trainer.log_dir else ""
+        where = f"; logged to {log_dir}" if log_dir else ""
         model = f" of {ckpt_path}" if ckpt_path else ""
         return f"{subcommand} done{model}" + (f": {shown}" if shown and subcommand in ("test", "validate") else "") + where
