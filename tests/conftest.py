@@ -83,12 +83,20 @@ FULL_EPOCHS = [a for a in TINY if not a.startswith("--trainer.limit_train_batche
 SLOW_FIXTURES = {"trained", "one_epoch", "run_copy", "uninterrupted", "uninterrupted_short"}
 SLOW_MODULES = {"test_checkpoints", "test_ddp", "test_bench", "test_study", "test_cli", "test_resume", "test_export",
                 "test_gpu"}
+# The tools' end-to-end runs (bench, campaign, study: each case or run in its own process) are also marked
+# tools: about 5 minutes of CPU on 2 cores, which CI (the README's test command) leaves out to stay in its
+# 15 minutes; their unit tests stay in. `pytest -m tools` runs them.
+TOOLS = {"test_bench_prints_every_row", "test_bench_inference_rows", "test_the_whole_campaign_writes_measured_results",
+         "test_budgets_failures_and_no_time_left", "test_sigterm_stops_the_running_part_and_writes_what_was_measured",
+         "test_study_runs_every_model_and_seed_and_writes_the_table"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__ in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
+        if item.originalname in TOOLS:
+            item.add_marker(pytest.mark.tools)
         if item.get_closest_marker("gpu") and not torch.cuda.is_available():
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
 

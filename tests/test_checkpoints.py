@@ -184,6 +184,7 @@ def test_a_signal_in_any_phase_of_fit_keeps_every_step_and_resumes_exactly(
     status: int
 ) -> None:
     make_dataset(tmp_path / "data")
+    before = signal.getsignal(signal.SIGINT)  # Python's default_int_handler; SIG_IGN in a shell's background job
     resume = []
     if phase == "sanity":  # a resumed run, stopped in the sanity check before its first step
         fit(*SHORT, "--trainer.max_epochs=1", "--model.lr_scheduler.init_args.T_max=9")  # SHORT: 10 steps
@@ -198,7 +199,7 @@ def test_a_signal_in_any_phase_of_fit_keeps_every_step_and_resumes_exactly(
     else:
         said = f"{name}: training stopped at step {step}; {last} holds every step done. Resume with --ckpt_path last."
     assert said in stderr, stderr[-2000:]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is before  # handlers restored
     fit(*SHORT, "--ckpt_path=last")
     assert_same_weights(last, uninterrupted_short)
 
@@ -369,12 +370,13 @@ def test_a_signal_while_parsing_stops_before_any_work(
     from senet_pl.cli import SENetCLI
 
     monkeypatch.setattr(SENetCLI, "before_instantiate_classes", lambda self: os.kill(os.getpid(), signum))
+    before = signal.getsignal(signal.SIGINT)
     with pytest.raises(SystemExit) as exit_:
         main(["fit", *TINY])
     assert exit_.value.code == status
     err = capsys.readouterr().err
     assert "stopped before any work; nothing was written" in err and "Traceback" not in err
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 # -- weight EMA (--model.ema_decay) -------------------------------------------------------------------
