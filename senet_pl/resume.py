@@ -130,7 +130,7 @@ def training_conflicts(info: CheckpointInfo, optimizers: list[torch.optim.Optimi
                 continue
             arguments = set(inspect.signature(type(scheduler).__init__).parameters) - {"self", "optimizer", "last_epoch", "verbose"}
             if scheduler is length_from_run:
-                arguments -= set(LENGTHS)  # the run's length, which may change (schedule.stretch)
+                arguments -= set(LENGTHS)  # the run's length, which may change on resume (schedule.resize)
             for key in sorted(arguments & set(mine)):
                 if _differ(mine[key], saved[key]):
                     lines.append(f"{type(scheduler).__name__} {key} {mine[key]}{note['lr_scheduler']}, but the checkpoint's "

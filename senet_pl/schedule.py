@@ -102,8 +102,8 @@ def run_length(name: str, steps: int | float | None) -> int:
     return max(1, int(steps) + LENGTHS[name])
 
 
-def resize(scheduler: LRScheduler, steps: int | float, ramp: float = 1.0) -> int | None:
-    """Give ``scheduler`` (restored from a checkpoint; ``ramp``: the warm-up's factor now) the length of
+def resize(scheduler: LRScheduler, steps: int | float, warmup_factor: float = 1.0) -> int | None:
+    """Give ``scheduler`` (restored from a checkpoint; ``warmup_factor``: the warm-up's factor now) the length of
     a run of ``steps`` scheduler steps. Returns the number of steps it was built for if that changed, else None.
 
     A cosine then follows, from the current step on, the curve of a run of the new length; a schedule that
@@ -121,6 +121,6 @@ def resize(scheduler: LRScheduler, steps: int | float, ramp: float = 1.0) -> int
     t = scheduler.last_epoch
     cosine = (1 + math.cos(math.pi * min(t, now) / now)) / 2
     for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
-        group["lr"] = ramp * (scheduler.eta_min + (base - scheduler.eta_min) * cosine)
+        group["lr"] = warmup_factor * (scheduler.eta_min + (base - scheduler.eta_min) * cosine)
     scheduler.T_max = now
     return built - LENGTHS[name]

@@ -84,7 +84,7 @@ def study(
         dataset: mnist, fashion_mnist or kmnist.
         config: the recipe every run starts from; the options below override it.
         seeds: runs per model, with seeds 0..seeds-1 (the seed sets initialization, order and shifts).
-        epochs: training epochs per run; the recipe's cosine schedule is stretched to match.
+        epochs: training epochs per run; the recipe's cosine spans the run (its length comes from the trainer).
         reductions: SE reduction ratios r to compare with the plain ResNet.
         train_batches: training batches per epoch (default: the whole training split).
         val_size: images held out of the training split for validation.
