@@ -24,10 +24,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as L
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from senet_pl.callbacks.figures import TensorBoardFigures
@@ -58,6 +60,11 @@ class Stopped(Exception):
         self.signum = signum
 
 
+@rank_zero_only  # once, not by every process of a DDP run (their ranks are in the environment already)
+def say(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
 class ShortErrorParser(LightningArgumentParser):
     """Bad options get the error and a pointer to --help, not the usage line of every option (a page)."""
 
@@ -75,7 +82,7 @@ class SENetCLI(LightningCLIHooks):
         self.ckpt_info: CheckpointInfo | None = None  # the checked --ckpt_path, once resolved
         self.conflicts: list[str] = []  # between it and the command line
         self.summary = RunSummary()
-        callbacks = [LearningRateMonitor(), PredictionWriter(), TensorBoardFigures(), self.graceful_stop, self.summary]
+        callbacks = [PredictionWriter(), TensorBoardFigures(), self.graceful_stop, self.summary]
         kwargs.setdefault("trainer_defaults", {"callbacks": callbacks})
         kwargs.setdefault("trainer_class", Trainer)
         super().__init__(SEResNetClassifier, MNISTDataModule, **kwargs)
@@ -102,6 +109,15 @@ class SENetCLI(LightningCLIHooks):
                 "init_args": {"save_dir": "lightning_logs", "name": "senet", "default_hp_metric": False},
             },
         })
+
+    def trainer_callbacks(self, config: dict[str, Any], callbacks: list[L.Callback]) -> list[L.Callback]:
+        # --trainer.enable_checkpointing false: no checkpoint files (Lightning refuses it beside checkpoint callbacks).
+        if config.get("enable_checkpointing") is False:
+            callbacks = [c for c in callbacks if not isinstance(c, Checkpoint)]
+        # train/lr, unless --trainer.logger false leaves nothing to log it to (LearningRateMonitor would refuse to start).
+        if config.get("logger") is not False and config.get("logger") != []:
+            callbacks = [*callbacks, LearningRateMonitor()]
+        return callbacks
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         super().parse_arguments(parser, args)
@@ -174,6 +190,9 @@ class SENetCLI(LightningCLIHooks):
                 f"downsamples by {smallest}: use an image_size of at least {smallest}"
                 + (", or --model.stem cifar." if cfg.model.stem == "imagenet" else ".")
             )
+        if cfg.trainer.logger is False:
+            # No run folder: Lightning would write config.yaml into the working directory, over any file of that name.
+            self.save_config_callback = None
         if self.subcommand == "fit" and cfg.trainer.max_epochs == 0:
             raise CLIError("--trainer.max_epochs 0 trains nothing: give at least 1 (or -1 for no limit).")
         root = self._logger_root() if self.subcommand else None
@@ -189,8 +208,7 @@ class SENetCLI(LightningCLIHooks):
         if cfg.trainer.precision != asked:
             why = {"16-mixed": "this GPU has no native bf16", "32-true": "this CPU has no bf16 (AVX512-BF16 or AMX)",
                    "bf16-mixed": "Lightning runs 16-mixed on a CPU as bf16"}.get(str(cfg.trainer.precision), "this hardware")
-            print(f"precision: {asked} asked, but {why}: using {cfg.trainer.precision} (set --trainer.precision to choose).",
-                  file=sys.stderr)
+            say(f"precision: {asked} asked, but {why}: using {cfg.trainer.precision} (set --trainer.precision to choose).")
 
     def after_instantiate_classes(self) -> None:
         if self.trainer is not None and type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:

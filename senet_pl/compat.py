@@ -30,9 +30,10 @@ def file_writer(experiment: Any) -> Any:
 
 
 class LightningCLIHooks(LightningCLI):
-    """LightningCLI with public names for the two private steps of its ``__init__`` that this project
-    replaces or wraps: ``reconcile_checkpoint`` (Lightning: ``_parse_ckpt_path``, which merges a
-    checkpoint's hyperparameters into the config) and ``run_subcommand`` (``_run_subcommand``)."""
+    """LightningCLI with public names for the private steps that this project replaces or wraps:
+    ``reconcile_checkpoint`` (Lightning: ``_parse_ckpt_path``, which merges a checkpoint's hyperparameters
+    into the config), ``run_subcommand`` (``_run_subcommand``) and ``trainer_callbacks`` (the callback list
+    that ``_instantiate_trainer`` hands to the Trainer)."""
 
     def _parse_ckpt_path(self) -> None:
         self.reconcile_checkpoint()
@@ -45,6 +46,13 @@ class LightningCLIHooks(LightningCLI):
 
     def run_subcommand(self, subcommand: str) -> None:
         LightningCLI._run_subcommand(self, subcommand)
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[L.Callback]) -> L.Trainer:
+        return LightningCLI._instantiate_trainer(self, config, self.trainer_callbacks(config, callbacks))
+
+    def trainer_callbacks(self, config: dict[str, Any], callbacks: list[L.Callback]) -> list[L.Callback]:
+        """The callbacks of the parser's callback groups (``--checkpoint`` ...) that a Trainer of ``config`` gets."""
+        return callbacks
 
 
 # Lightning messages a user of this CLI cannot act on (each was seen in a run of Lightning 2.6):

@@ -419,6 +419,11 @@ def test_a_changed_precision_is_said_in_one_line(data_root: Path, monkeypatch: p
                      "(set --trainer.precision to choose)."]
     SENetCLI(args=[*TINY, "--trainer.precision=32"], run=False)  # an alias is no change
     assert "precision:" not in capsys.readouterr().err
+    from lightning.pytorch.utilities import rank_zero_only
+
+    monkeypatch.setattr(rank_zero_only, "rank", 1)  # another process of a DDP run: the same change, said once
+    assert SENetCLI(args=[*TINY, "--trainer.precision=bf16-mixed"], run=False).config.trainer.precision == "32-true"
+    assert "precision:" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("subcommand", ["fit", "validate", "test", "predict", "analyze"])
@@ -456,3 +461,34 @@ def test_evaluating_a_checkpoint_logs_into_its_run(trained: Path, tmp_path: Path
     events.Reload()
     experiment = HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/experiment"]).experiment
     assert {"train/acc", "val/acc", "test/acc", "test/loss"} <= {m.name.tag for m in experiment.metric_infos}
+
+
+def test_a_run_without_a_logger_keeps_its_checkpoints_and_writes_nothing_else(tmp_path: Path) -> None:
+    """``--trainer.logger false``: no run folder, no train/lr (nothing to log it to), and no config.yaml over a file
+    of that name in the working directory; the checkpoints go to ./checkpoints and resume from there."""
+    make_dataset(tmp_path / "data")
+    (tmp_path / "config.yaml").write_text("mine\n")
+    result = run(tmp_path, "fit", *TINY, "--trainer.max_epochs=1", "--trainer.logger=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "config.yaml").read_text() == "mine\n"
+    assert not (tmp_path / "lightning_logs").exists()
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert "tensorboard" not in result.stdout and "--config config.yaml" not in result.stdout
+    resumed = run(tmp_path, "fit", *TINY, "--trainer.max_epochs=2", "--trainer.logger=false",
+                  "--ckpt_path=checkpoints/last.ckpt")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "fit done: 2 epoch(s), step 6 (3 in this run)" in resumed.stdout
+    tested = run(tmp_path, "test", *TINY, "--trainer.logger=false", "--ckpt_path=checkpoints/last.ckpt")
+    assert tested.returncode == 0 and "test/acc" in tested.stdout and "logged to" not in tested.stdout
+
+
+def test_a_run_without_checkpointing_writes_no_checkpoint(tmp_path: Path) -> None:
+    """``--trainer.enable_checkpointing false`` trains without checkpoint files (Lightning refuses the flag
+    beside the CLI's checkpoint callbacks); the TensorBoard run is still written."""
+    make_dataset(tmp_path / "data")
+    result = run(tmp_path, "fit", *TINY, "--trainer.max_epochs=1", "--trainer.enable_checkpointing=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "lightning_logs" / "mnist" / "version_0"
+    assert "train/lr" in scalars(run_dir) and (run_dir / "config.yaml").is_file()
+    assert not list(tmp_path.rglob("*.ckpt"))
+    assert "fit done: 1 epoch(s), step 3" in result.stdout and "checkpoint" not in result.stdout

@@ -55,6 +55,9 @@ def test_lightning_cli_still_calls_the_steps_this_project_replaces() -> None:
     init = inspect.getsource(LightningCLI.__init__)
     assert "self._parse_ckpt_path()" in init and "self._run_subcommand(self.subcommand)" in init
     assert set(inspect.signature(LightningCLI._run_subcommand).parameters) == {"self", "subcommand"}
+    # trainer_callbacks: _instantiate_trainer(config, callbacks) is where the callback groups' objects reach the Trainer
+    assert "self._instantiate_trainer(trainer_config, extra_callbacks)" in inspect.getsource(LightningCLI.instantiate_trainer)
+    assert list(inspect.signature(LightningCLI._instantiate_trainer).parameters) == ["self", "config", "callbacks"]
 
 
 def test_estimated_steps_drops_the_early_training_loader(tmp_path) -> None:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import lightning.pytorch as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
 
 
 class RunSummary(Callback):
@@ -37,6 +38,7 @@ class RunSummary(Callback):
     def fit_lines(self, trainer: L.Trainer, log_dir: str | None, last: Path | None) -> list[str]:
         """The end of ``fit``: the best and last checkpoints, epochs, steps, time, speed and the next command.
         (``log_dir``: ``trainer.log_dir``, which every process must ask for under DDP: it is a collective.)"""
+        log_dir = log_dir if trainer.logger is not None else None  # without a logger: the working directory, no run's
         config = Path(log_dir) / "config.yaml" if log_dir else None
         steps = trainer.global_step - self.start_step
         speed = f", {self.images / self.train_seconds:,.0f} training images/s" if self.train_seconds and self.images else ""
@@ -51,7 +53,7 @@ class RunSummary(Callback):
         if best is not None and best.best_model_path:
             given = f"--config {config} " if config is not None and config.is_file() else ""
             lines.append(f"next: python -m senet_pl test {given}--ckpt_path {best.best_model_path}")
-        if log_dir:
+        if log_dir and isinstance(trainer.logger, TensorBoardLogger):
             lines.append(f"curves: tensorboard --logdir {Path(log_dir).parent}")
         return lines
 
@@ -60,6 +62,6 @@ class RunSummary(Callback):
         """The end of test, validate, predict and analyze: what was evaluated and where it was logged."""
         metrics = {k: v for k, v in trainer.callback_metrics.items() if k.endswith("/acc")}
         shown = ", ".join(f"{k} {float(v):.4f}" for k, v in sorted(metrics.items()))
-        where = f"; logged to {log_dir}" if log_dir else ""
+        where = f"; logged to {log_dir}" if log_dir and trainer.logger is not None else ""
         model = f" of {ckpt_path}" if ckpt_path else ""
         return f"{subcommand} done{model}" + (f": {shown}" if shown and subcommand in ("test", "validate") else "") + where
