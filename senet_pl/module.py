@@ -220,7 +220,8 @@ class SEResNetClassifier(L.LightningModule):
             steps = self.schedule_steps()
             built = resize(self.length_from_run, steps, ramp(self.global_step, self.hparams.warmup_steps))
             if built is not None:
+                unit = "epoch" if self.hparams.lr_interval == "epoch" else "step"
                 rank_zero_info(
-                    f"The learning-rate schedule was built for {built} steps; from step {self.length_from_run.last_epoch} "
+                    f"The learning-rate schedule was built for {built} {unit}s; from {unit} {self.length_from_run.last_epoch} "
                     f"on it follows the curve of this run's {steps}."
                 )

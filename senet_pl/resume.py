@@ -24,7 +24,7 @@ from senet_pl.untrusted import CheckpointInfo, short
 
 MODEL_SHAPE = ("depth", "stem", "se", "reduction")
 DATA_MEANING = ("dataset", "image_size")
-FIT_FIXED = {"model": ("warmup_steps", "ema_decay"), "data": ("val_size", "split_seed")}
+FIT_FIXED = {"model": ("warmup_steps", "lr_interval", "ema_decay"), "data": ("val_size", "split_seed")}
 # Optimizer settings that change what training does (implementation switches such as fused may change).
 OPTIMIZER_SETTINGS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "betas", "eps", "alpha",
                       "amsgrad", "maximize", "centered", "lr_decay", "rho", "lambd", "decoupled_weight_decay")
@@ -106,8 +106,10 @@ def training_conflicts(info: CheckpointInfo, optimizers: list[torch.optim.Optimi
             lines.append(f"--model.optimizer {name}{note['optimizer']}, but the checkpoint's optimizer has other settings "
                          f"({', '.join(sorted(set(saved_group) - {'params', 'initial_lr'}))})")
             continue
+        # Momentum that a schedule cycles (OneCycleLR, CyclicLR: base_momentum in the group) is its state, not a setting.
+        cycled = {"momentum", "betas"} if "base_momentum" in group or "base_momentum" in saved_group else set()
         for key in OPTIMIZER_SETTINGS:
-            if key in group:
+            if key in group and key not in cycled:
                 mine = group.get("initial_lr", group[key]) if key == "lr" else group[key]
                 theirs = saved_group.get("initial_lr", saved_group[key]) if key == "lr" else saved_group[key]
                 if _differ(mine, theirs):

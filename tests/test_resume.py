@@ -159,6 +159,7 @@ def test_fits_accepts_plain_values_of_the_declared_type_only(value, annotation, 
         (["--data.val_size=24"], "--data.val_size 24, but the checkpoint has 16"),
         (["--data.split_seed=1"], "--data.split_seed 1, but the checkpoint has 42"),
         (["--model.warmup_steps=5"], "--model.warmup_steps 5, but the checkpoint has 100"),
+        (["--model.lr_interval=epoch"], "--model.lr_interval epoch, but the checkpoint has step"),
         (["--model.optimizer.init_args.lr=0.01"], "--model.optimizer.init_args.lr 0.01, but the checkpoint's SGD has 0.1"),
         (["--model.optimizer=Adam"], "--model.optimizer Adam, but the checkpoint's optimizer has other settings"),
         (["--model.lr_scheduler.init_args.T_max=5"], "CosineAnnealingLR T_max 5, but the checkpoint's has 2"),
@@ -412,3 +413,19 @@ def test_a_tracker_state_of_the_wrong_shape_is_refused(run_copy: Path) -> None:
     rewrite(run_copy, ckpt)
     message = cli("fit", *TINY, "--trainer.max_epochs=2", "--ckpt_path=last")
     assert message is not None and "is not what fit writes" in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize("optimizer", [[], ["--model.optimizer=Adam", "--model.optimizer.lr=0.001"]], ids=["SGD", "Adam"])
+def test_a_one_cycle_run_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, optimizer: list[str]) -> None:
+    """OneCycleLR cycles the momentum (SGD's momentum, Adam's first beta): its value in the checkpoint is the
+    schedule's state, not a setting to compare. The same run resumes; a longer one is refused (fixed phases)."""
+    make_dataset(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    one_cycle = [*TINY, *optimizer, "--model.lr_scheduler=OneCycleLR", "--model.lr_scheduler.max_lr=0.01",
+                 "--model.warmup_steps=0"]
+    assert cli("fit", *one_cycle, "--trainer.max_epochs=1") is None
+    assert cli("fit", *one_cycle, "--trainer.max_epochs=1", "--ckpt_path=last") is None
+    message = cli("fit", *one_cycle, "--trainer.max_epochs=2", "--ckpt_path=last")
+    assert message is not None and "OneCycleLR" in message and "cannot be resized" in message, message
+    assert "Traceback" not in message and message.count("\n") <= 2
+    assert torch.load(RUN / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
