@@ -26,11 +26,11 @@ from typing import Any
 
 import lightning.pytorch as L
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor, ModelCheckpoint, Timer
 from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from senet_pl.callbacks.figures import TensorBoardFigures
 from senet_pl.callbacks.last import EarlySignals, GracefulStop, Interrupted, LatestCheckpoint
@@ -66,7 +66,12 @@ def say(message: str) -> None:
 
 
 class ShortErrorParser(LightningArgumentParser):
-    """Bad options get the error and a pointer to --help, not the usage line of every option (a page)."""
+    """Bad options get the error and a pointer to --help, not the usage line of every option (a page); a
+    shortened option name is an error, not the option it abbreviates (--model.dept 34 would set depth)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def print_usage(self, file=None) -> None:
         pass
@@ -193,8 +198,17 @@ class SENetCLI(LightningCLIHooks):
         if cfg.trainer.logger is False:
             # No run folder: Lightning would write config.yaml into the working directory, over any file of that name.
             self.save_config_callback = None
-        if self.subcommand == "fit" and cfg.trainer.max_epochs == 0:
-            raise CLIError("--trainer.max_epochs 0 trains nothing: give at least 1 (or -1 for no limit).")
+        if self.subcommand == "fit" and cfg.trainer.max_epochs is not None and cfg.trainer.max_epochs < -1:
+            raise CLIError(f"--trainer.max_epochs {cfg.trainer.max_epochs}: give a number of epochs (or -1 for no limit).")
+        if self.subcommand == "fit" and 0 in (cfg.trainer.max_epochs, cfg.trainer.max_steps):
+            option = "max_epochs" if cfg.trainer.max_epochs == 0 else "max_steps"
+            raise CLIError(f"--trainer.{option} 0 trains nothing: give at least 1 (or -1 for no limit).")
+        if self.subcommand == "fit" and cfg.trainer.max_time is not None:
+            try:
+                Timer(duration=cfg.trainer.max_time)
+            except (ValueError, TypeError, MisconfigurationException):
+                raise CLIError(f"--trainer.max_time {cfg.trainer.max_time}: write a duration as DD:HH:MM:SS "
+                               "(00:01:30:00 is 90 minutes) or as {minutes: 90}.") from None
         root = self._logger_root() if self.subcommand else None
         if root is not None:
             for folder in (*reversed(root.parents), root):
@@ -318,6 +332,8 @@ def main(args: list[str] | None = None) -> None:
     try:
         SENetCLI(args=args)
     except (CLIError, DataError, CheckpointError, ExportError, NonFiniteLossError, ScheduleError) as err:
+        sys.exit(f"error: {err}")
+    except MisconfigurationException as err:  # Lightning's own check of a value (--trainer.limit_val_batches -1 ...)
         sys.exit(f"error: {err}")
     except Stopped as stop:
         print(stop, file=sys.stderr)

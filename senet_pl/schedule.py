@@ -43,6 +43,9 @@ class CosineAnnealingLR(torch.optim.lr_scheduler.CosineAnnealingLR):
                  last_epoch: int = -1) -> None:
         if T_max is None:
             raise ScheduleError("CosineAnnealingLR needs T_max (SEResNetClassifier fills in the run's length).")
+        if T_max < 1:
+            raise ScheduleError(f"CosineAnnealingLR T_max {T_max}: give a positive number of scheduler steps, or leave "
+                                "T_max out for the run's length.")
         super().__init__(optimizer, T_max, eta_min, last_epoch)
 
 
