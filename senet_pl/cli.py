@@ -60,6 +60,10 @@ class Stopped(Exception):
         self.signum = signum
 
 
+# Loggers that keep each run in save_dir/name/version_N (with its checkpoints/): --ckpt_path last|best looks there.
+RUN_LOGGERS = ("TensorBoardLogger", "CSVLogger")
+
+
 @rank_zero_only  # once, not by every process of a DDP run (their ranks are in the environment already)
 def say(message: str) -> None:
     print(message, file=sys.stderr)
@@ -137,7 +141,7 @@ class SENetCLI(LightningCLIHooks):
         logger = cfg.trainer.logger
         # Plain-ResNet runs of a recipe get their own run name (mnist_no_se), so that --ckpt_path best of the
         # recipe never picks one of them, nor they an SE-ResNet.
-        if cfg.model.se is False and isinstance(logger, Namespace) and logger.class_path.endswith("TensorBoardLogger"):
+        if cfg.model.se is False and isinstance(logger, Namespace) and logger.class_path.endswith(RUN_LOGGERS):
             name = logger.init_args.get("name") or ""
             if "no_se" not in name:
                 logger.init_args.name = f"{name}_no_se" if name else "no_se"
@@ -146,9 +150,9 @@ class SENetCLI(LightningCLIHooks):
             raise CLIError(f"--seed_everything {seed} is out of range: use a seed from 0 to {MAX_SEED} (or true for a random one).")
 
     def _logger_root(self) -> Path | None:
-        """save_dir/name of the TensorBoard logger, where the runs' version_N folders are."""
+        """save_dir/name of the TensorBoard (or CSV) logger, where the runs' version_N folders are."""
         logger = self.config[self.config.subcommand].trainer.logger
-        if isinstance(logger, Namespace) and logger.class_path.endswith("TensorBoardLogger"):
+        if isinstance(logger, Namespace) and logger.class_path.endswith(RUN_LOGGERS):
             return Path(logger.init_args.save_dir) / (logger.init_args.name or "")
         return None
 
@@ -179,7 +183,9 @@ class SENetCLI(LightningCLIHooks):
         # A checkpoint of a run of this logger: log into that run's folder. Resuming, its TensorBoard curves
         # continue; evaluating, its test/val metrics join its training curves (one HParams row per model).
         root = self._logger_root()
-        if root and cfg.trainer.logger.init_args.version is None:
+        # (Not a CSV logger's: Lightning's deletes the metrics.csv of a folder it logs into.)
+        tensorboard = root is not None and cfg.trainer.logger.class_path.endswith("TensorBoardLogger")
+        if tensorboard and cfg.trainer.logger.init_args.version is None:
             ckpt = Path(cfg.ckpt_path).resolve()
             if ckpt.parent.name == "checkpoints" and ckpt.parent.parent.parent == root.resolve():
                 cfg.trainer.logger.init_args.version = ckpt.parent.parent.name
@@ -214,7 +220,7 @@ class SENetCLI(LightningCLIHooks):
             for folder in (*reversed(root.parents), root):
                 if folder.exists() and not folder.is_dir():
                     raise CLIError(
-                        f"{folder} is a file, but the TensorBoard logger keeps its runs in that folder: move the file "
+                        f"{folder} is a file, but the logger keeps its runs in that folder: move the file "
                         "away, or choose another --trainer.logger.init_args.save_dir (or .name)."
                     )
         asked = ALIASES.get(str(cfg.trainer.precision), cfg.trainer.precision)

@@ -23,7 +23,7 @@ def find_checkpoint(root: Path | None, name: str, subcommand: str) -> str | None
         if name == "auto" and subcommand == "fit":
             print("--ckpt_path auto: no run to resume, starting a new one", file=sys.stderr)
             return None
-        where = f"under {root}/" if root else "(no TensorBoard logger is configured)"
+        where = f"under {root}/" if root else "(no TensorBoard or CSV logger is configured)"
         raise CLIError(
             f"--ckpt_path {name}: no run {where} has a checkpoints/last.ckpt. Give the path of a "
             "checkpoint, leave --ckpt_path out to start a new run, or use --ckpt_path auto (fit only) to "

@@ -499,3 +499,21 @@ def test_a_run_without_checkpointing_writes_no_checkpoint(tmp_path: Path) -> Non
     assert "train/lr" in scalars(run_dir) and (run_dir / "config.yaml").is_file()
     assert not list(tmp_path.rglob("*.ckpt"))
     assert "fit done: 1 epoch(s), step 3" in result.stdout and "checkpoint" not in result.stdout
+
+
+def test_a_csv_logger_run_resumes_by_name_and_keeps_its_metrics(tmp_path: Path) -> None:
+    """``--ckpt_path last|best`` look in a CSVLogger's runs too; resuming or testing then starts a new version folder,
+    because Lightning's CSV logger deletes the metrics.csv of a folder it logs into."""
+    make_dataset(tmp_path / "data")
+    csv_logger = [*TINY, "--trainer.logger=CSVLogger", "--trainer.logger.save_dir=csv"]
+    assert run(tmp_path, "fit", *csv_logger, "--trainer.max_epochs=1").returncode == 0
+    first = tmp_path / "csv" / "mnist" / "version_0"
+    metrics = (first / "metrics.csv").read_text()
+    assert "val/acc" in metrics
+    resumed = run(tmp_path, "fit", *csv_logger, "--trainer.max_epochs=2", "--ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"--ckpt_path last resolved to {first.relative_to(tmp_path)}/checkpoints/last.ckpt" in resumed.stderr
+    assert "fit done: 2 epoch(s), step 6 (3 in this run)" in resumed.stdout
+    tested = run(tmp_path, "test", *csv_logger, "--ckpt_path=best")
+    assert tested.returncode == 0 and "test/acc" in tested.stdout, tested.stderr[-2000:]
+    assert (first / "metrics.csv").read_text() == metrics  # the first run's record is intact
