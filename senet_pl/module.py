@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from jsonargparse.typing import ClosedUnitInterval, NonNegativeInt, OpenUnitInterval, PositiveInt
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.optim.lr_scheduler import ChainedScheduler, ReduceLROnPlateau
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
@@ -215,6 +215,11 @@ class SEResNetClassifier(L.LightningModule):
         return steps
 
     def on_train_start(self) -> None:
+        warmup_steps, total = self.hparams.warmup_steps, estimated_steps(self.trainer)
+        if warmup_steps and total < warmup_steps and self.global_step < total:
+            rank_zero_warn(f"--model.warmup_steps {warmup_steps} is longer than this run's {total} optimizer steps: the "
+                           f"learning rate never reaches the optimizer's (at most {ramp(total, warmup_steps):.0%} of it). "
+                           "Give a shorter --model.warmup_steps (0: none).")
         # A resumed run has the checkpoint's schedule by now: it must span this run (see schedule.py).
         if self.length_from_run is not None:
             steps = self.schedule_steps()

@@ -38,7 +38,8 @@ def find_checkpoint(root: Path | None, name: str, subcommand: str) -> str | None
         # only a file beside last.ckpt, in the same run's checkpoints folder
         best = [Path(b) for b in best if isinstance(b, str) and b and Path(b).resolve().parent == path.resolve().parent]
         if not best or not best[0].is_file():
-            raise CLIError(f"--ckpt_path best: {path} records no best checkpoint that still exists beside it.")
+            raise CLIError(f"--ckpt_path best: {path} records no best checkpoint that still exists beside it (a run "
+                           "without validation has none): use --ckpt_path last, or give a checkpoint's path.")
         path = best[0]
     print(f"--ckpt_path {name} resolved to {path}", file=sys.stderr)
     return str(path)

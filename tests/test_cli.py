@@ -1,4 +1,5 @@
 import csv
+import warnings
 from pathlib import Path
 
 import pytest
@@ -517,3 +518,16 @@ def test_a_csv_logger_run_resumes_by_name_and_keeps_its_metrics(tmp_path: Path) 
     tested = run(tmp_path, "test", *csv_logger, "--ckpt_path=best")
     assert tested.returncode == 0 and "test/acc" in tested.stdout, tested.stderr[-2000:]
     assert (first / "metrics.csv").read_text() == metrics  # the first run's record is intact
+
+
+def test_a_warm_up_longer_than_the_run_is_said(data_root: Path) -> None:
+    """The recipe's 100-step warm-up in a 3-step run: the rate never gets above a few percent of lr; it says so."""
+    from senet_pl.cli import SENetCLI
+
+    with pytest.warns(UserWarning, match=r"--model.warmup_steps 100 is longer than this run's 3 optimizer steps"):
+        SENetCLI(args=["fit", *TINY, "--trainer.max_epochs=1"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        SENetCLI(args=["fit", *TINY, "--trainer.max_epochs=1", "--model.warmup_steps=3",
+                       "--trainer.logger.init_args.version=short"])
+    assert not [w for w in caught if "warmup_steps" in str(w.message)]

@@ -103,6 +103,20 @@ def test_bf16_true_warns_where_it_would_be_emulated(monkeypatch: pytest.MonkeyPa
     assert (messages == []) if native else (len(messages) == 1 and "no native bf16" in messages[0]), messages
 
 
+@pytest.mark.parametrize("kind", list(HARDWARE))
+def test_16_true_warns_on_a_cpu(monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    fake_hardware(monkeypatch, **HARDWARE[kind])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert resolve_precision("16-true", "auto", "auto") == "16-true"
+    messages = [str(w.message) for w in caught]
+    if kind.startswith("cpu"):
+        faster = "bf16-mixed" if kind == "cpu with bf16" else "32-true"
+        assert len(messages) == 1 and f"--trainer.precision {faster} is faster" in messages[0], messages
+    else:
+        assert messages == []
+
+
 def test_other_accelerators_keep_what_was_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     fake_hardware(monkeypatch, cpu_bf16=False, gpus=[])
     assert resolve_precision("bf16-mixed", "mps") == "bf16-mixed"

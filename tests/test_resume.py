@@ -367,7 +367,7 @@ def test_malformed_checkpoints_get_one_line(run_copy: Path, tmp_path: Path, dama
 def test_a_last_ckpt_that_is_no_dict_is_one_line_for_best(run_copy: Path) -> None:
     rewrite(run_copy, torch.zeros(3))
     message = cli("test", *TINY, "--ckpt_path=best")
-    assert message is not None and "records no best checkpoint" in message
+    assert message is not None and "records no best checkpoint" in message and "use --ckpt_path last" in message
 
 
 def test_a_resume_that_fails_in_setup_leaves_no_new_folder(run_copy: Path, tmp_path: Path) -> None:
