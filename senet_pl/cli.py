@@ -26,7 +26,7 @@ from typing import Any
 
 import lightning.pytorch as L
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor, ModelCheckpoint, Timer
+from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
@@ -40,16 +40,14 @@ from senet_pl.checkpoints import AtomicCheckpointIO, CheckpointError, as_lightni
 from senet_pl.export import ExportError
 from senet_pl.compat import LightningCLIHooks, quiet
 from senet_pl.data import DataError, MNISTDataModule
-from senet_pl.model import MIN_IMAGE_SIZE
 from senet_pl.module import NonFiniteLossError, SEResNetClassifier
+from senet_pl.options import check_options, check_seed
 from senet_pl.precision import ALIASES, resolve_precision
 from senet_pl.resume import reconcile, training_conflicts, weight_mismatch
 from senet_pl.runs import CLIError, find_checkpoint, remove_new_folders
 from senet_pl.schedule import ScheduleError
 from senet_pl.trainer import Trainer
 from senet_pl.untrusted import CheckpointInfo, read_checkpoint
-
-MAX_SEED = 2**32 - 1  # numpy's limit, which seed_everything passes the seed to
 
 
 class Stopped(Exception):
@@ -145,9 +143,7 @@ class SENetCLI(LightningCLIHooks):
             name = logger.init_args.get("name") or ""
             if "no_se" not in name:
                 logger.init_args.name = f"{name}_no_se" if name else "no_se"
-        seed = self.config[subcommand].get("seed_everything") if subcommand else self.config.get("seed_everything")
-        if type(seed) is int and not 0 <= seed <= MAX_SEED:
-            raise CLIError(f"--seed_everything {seed} is out of range: use a seed from 0 to {MAX_SEED} (or true for a random one).")
+        check_seed(self.config[subcommand].get("seed_everything") if subcommand else self.config.get("seed_everything"))
 
     def _logger_root(self) -> Path | None:
         """save_dir/name of the TensorBoard (or CSV) logger, where the runs' version_N folders are."""
@@ -194,35 +190,10 @@ class SENetCLI(LightningCLIHooks):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config  # run=False has no subcommand
-        smallest = MIN_IMAGE_SIZE[cfg.model.stem]
-        if cfg.data.image_size < smallest:
-            raise CLIError(
-                f"--data.image_size {cfg.data.image_size} is too small for --model.stem {cfg.model.stem}, which "
-                f"downsamples by {smallest}: use an image_size of at least {smallest}"
-                + (", or --model.stem cifar." if cfg.model.stem == "imagenet" else ".")
-            )
+        check_options(cfg, self.subcommand, self._logger_root() if self.subcommand else None)
         if cfg.trainer.logger is False:
             # No run folder: Lightning would write config.yaml into the working directory, over any file of that name.
             self.save_config_callback = None
-        if self.subcommand == "fit" and cfg.trainer.max_epochs is not None and cfg.trainer.max_epochs < -1:
-            raise CLIError(f"--trainer.max_epochs {cfg.trainer.max_epochs}: give a number of epochs (or -1 for no limit).")
-        if self.subcommand == "fit" and 0 in (cfg.trainer.max_epochs, cfg.trainer.max_steps):
-            option = "max_epochs" if cfg.trainer.max_epochs == 0 else "max_steps"
-            raise CLIError(f"--trainer.{option} 0 trains nothing: give at least 1 (or -1 for no limit).")
-        if self.subcommand == "fit" and cfg.trainer.max_time is not None:
-            try:
-                Timer(duration=cfg.trainer.max_time)
-            except (ValueError, TypeError, MisconfigurationException):
-                raise CLIError(f"--trainer.max_time {cfg.trainer.max_time}: write a duration as DD:HH:MM:SS "
-                               "(00:01:30:00 is 90 minutes) or as {minutes: 90}.") from None
-        root = self._logger_root() if self.subcommand else None
-        if root is not None:
-            for folder in (*reversed(root.parents), root):
-                if folder.exists() and not folder.is_dir():
-                    raise CLIError(
-                        f"{folder} is a file, but the logger keeps its runs in that folder: move the file "
-                        "away, or choose another --trainer.logger.init_args.save_dir (or .name)."
-                    )
         asked = ALIASES.get(str(cfg.trainer.precision), cfg.trainer.precision)
         cfg.trainer.precision = resolve_precision(asked, cfg.trainer.accelerator, cfg.trainer.devices)
         if cfg.trainer.precision != asked:

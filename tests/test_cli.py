@@ -330,7 +330,7 @@ def test_a_file_where_the_run_folders_go_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exit_:
         main(["fit", *TINY])
     message = str(exit_.value.code)
-    assert message.startswith("error: lightning_logs is a file, but the TensorBoard logger keeps its runs in that folder")
+    assert message.startswith("error: lightning_logs is a file, but the logger keeps its runs in that folder")
     assert "--trainer.logger.init_args.save_dir" in message
 
 

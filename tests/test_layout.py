@@ -13,7 +13,7 @@ FLOORS = {
     "senet_pl.compat": 0, "senet_pl.plots": 0, "senet_pl.infer": 0,
     "senet_pl.module": 1, "senet_pl.ema": 1, "senet_pl.data": 1, "senet_pl.checkpoints": 1,
     "senet_pl.callbacks": 2, "senet_pl.export": 2,
-    "senet_pl.untrusted": 3, "senet_pl.resume": 3, "senet_pl.runs": 3, "senet_pl.cli": 3, "senet_pl.trainer": 3, "senet_pl.__main__": 3, "senet_pl": 3,
+    "senet_pl.untrusted": 3, "senet_pl.resume": 3, "senet_pl.runs": 3, "senet_pl.options": 3, "senet_pl.cli": 3, "senet_pl.trainer": 3, "senet_pl.__main__": 3, "senet_pl": 3,
     "senet_pl.tools": 4,
 }
 

@@ -1,0 +1,49 @@
+"""Option values that the CLI's types cannot refuse on their own, each refused in one line before any work."""
+
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.callbacks import Timer
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from senet_pl.model import MIN_IMAGE_SIZE
+from senet_pl.runs import CLIError
+
+MAX_SEED = 2**32 - 1  # numpy's limit, which seed_everything passes the seed to
+
+
+def check_seed(seed: Any) -> None:
+    """``--seed_everything``: an int must be one that numpy accepts (True, a random one, and None pass)."""
+    if type(seed) is int and not 0 <= seed <= MAX_SEED:
+        raise CLIError(f"--seed_everything {seed} is out of range: use a seed from 0 to {MAX_SEED} (or true for a random one).")
+
+
+def check_options(cfg: Any, subcommand: str | None, root: Path | None) -> None:
+    """Raise CLIError for the first value of ``cfg`` (one subcommand's parsed config) that cannot work.
+    ``root``: the logger's folder of runs (save_dir/name), if it has one."""
+    smallest = MIN_IMAGE_SIZE[cfg.model.stem]
+    if cfg.data.image_size < smallest:
+        raise CLIError(
+            f"--data.image_size {cfg.data.image_size} is too small for --model.stem {cfg.model.stem}, which "
+            f"downsamples by {smallest}: use an image_size of at least {smallest}"
+            + (", or --model.stem cifar." if cfg.model.stem == "imagenet" else ".")
+        )
+    trainer = cfg.trainer
+    if subcommand == "fit":
+        if trainer.max_epochs is not None and trainer.max_epochs < -1:
+            raise CLIError(f"--trainer.max_epochs {trainer.max_epochs}: give a number of epochs (or -1 for no limit).")
+        if 0 in (trainer.max_epochs, trainer.max_steps):
+            option = "max_epochs" if trainer.max_epochs == 0 else "max_steps"
+            raise CLIError(f"--trainer.{option} 0 trains nothing: give at least 1 (or -1 for no limit).")
+        if trainer.max_time is not None:
+            try:
+                Timer(duration=trainer.max_time)
+            except (ValueError, TypeError, MisconfigurationException):
+                raise CLIError(f"--trainer.max_time {trainer.max_time}: write a duration as DD:HH:MM:SS "
+                               "(00:01:30:00 is 90 minutes) or as {minutes: 90}.") from None
+    for folder in (*reversed(root.parents), root) if root is not None else ():
+        if folder.exists() and not folder.is_dir():
+            raise CLIError(
+                f"{folder} is a file, but the logger keeps its runs in that folder: move the file "
+                "away, or choose another --trainer.logger.init_args.save_dir (or .name)."
+            )
