@@ -32,6 +32,8 @@ def test_study_runs_every_model_and_seed_and_writes_the_table(tmp_path: Path) ->
     result = subprocess.run([sys.executable, "-m", "senet_pl.tools.study", *args], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    for noise in ("Tip:", "LeafSpec", "Loading `train_dataloader`"):  # the CLI's quiet(), in the tools too
+        assert noise not in result.stdout + result.stderr, noise
     table = (tmp_path / "table.md").read_text()
     assert table in result.stdout
     rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| ") and "parameters" not in line]

@@ -10,4 +10,7 @@ def run_as_cli(function: Callable[..., Any]) -> None:
     """Run ``function`` as a command line: its typed, documented arguments become the options (jsonargparse)."""
     from jsonargparse import auto_cli
 
+    from senet_pl.compat import quiet
+
+    quiet()  # as python -m senet_pl: no Lightning message that a user cannot act on
     auto_cli(function, args=sys.argv[1:])
