@@ -38,7 +38,7 @@ from senet_pl.callbacks.predictions import PredictionWriter
 from senet_pl.callbacks.summary import RunSummary
 from senet_pl.checkpoints import AtomicCheckpointIO, CheckpointError, as_lightning_checkpoint
 from senet_pl.export import ExportError
-from senet_pl.compat import LightningCLIHooks, quiet
+from senet_pl.compat import LightningCLIHooks, is_setting_error, quiet
 from senet_pl.data import DataError, MNISTDataModule
 from senet_pl.module import NonFiniteLossError, SEResNetClassifier
 from senet_pl.options import check_options, check_seed
@@ -310,8 +310,10 @@ def main(args: list[str] | None = None) -> None:
         SENetCLI(args=args)
     except (CLIError, DataError, CheckpointError, ExportError, NonFiniteLossError, ScheduleError) as err:
         sys.exit(f"error: {err}")
-    except MisconfigurationException as err:  # Lightning's own check of a value (--trainer.limit_val_batches -1 ...)
-        sys.exit(f"error: {err}")
+    except (MisconfigurationException, ValueError) as err:  # Lightning's own check of a value (limit_val_batches -1 ...)
+        if isinstance(err, ValueError) and not is_setting_error(err):
+            raise
+        sys.exit(f"error: {str(err).strip()}")
     except Stopped as stop:
         print(stop, file=sys.stderr)
         sys.exit(128 + stop.signum)

@@ -55,6 +55,15 @@ class LightningCLIHooks(LightningCLI):
         return callbacks
 
 
+# ValueErrors that Lightning raises for a setting only once the data is known (their text is the whole message).
+SETTING_ERRORS = ("`val_check_interval` (",)  # an int above the number of training batches
+
+
+def is_setting_error(err: BaseException) -> bool:
+    """Whether ``err`` is Lightning's complaint about a setting (a one-line message for the user), not a fault."""
+    return isinstance(err, ValueError) and str(err).strip().startswith(SETTING_ERRORS)
+
+
 # Lightning messages a user of this CLI cannot act on (each was seen in a run of Lightning 2.6):
 UNACTIONABLE_INFO = (
     "💡 Tip:",  # an advertisement for another logger

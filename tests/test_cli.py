@@ -344,6 +344,7 @@ def test_a_file_where_the_run_folders_go_is_one_line(tmp_path: Path) -> None:
         (["--trainer.max_time=banana"], "--trainer.max_time banana: write a duration as DD:HH:MM:SS"),
         (["--trainer.limit_val_batches=-1"], "invalid value -1 for limit_val_batches"),  # Lightning's check, one line
         (["--trainer.val_check_interval=-1"], "invalid value -1 for val_check_interval"),
+        (["--trainer.val_check_interval=5"], "`val_check_interval` (5) must be less than or equal to the number of the"),
         (["--model.lr_scheduler.init_args.T_max=0"], "CosineAnnealingLR T_max 0: give a positive number"),
         (["--ckpt_path=broken.ckpt"], "cannot read checkpoint broken.ckpt"),
         (["--seed_everything=-1"], "--seed_everything -1 is out of range: use a seed from 0 to 4294967295"),

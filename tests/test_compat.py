@@ -3,6 +3,7 @@
 import inspect
 
 import lightning.pytorch as L
+import pytest
 import torch
 from lightning.pytorch.cli import LightningCLI
 from torch.utils.tensorboard import SummaryWriter
@@ -78,3 +79,16 @@ def test_estimated_steps_drops_the_early_training_loader(tmp_path) -> None:
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(Probe(depth=18), train_dataloaders=torch.utils.data.DataLoader(data, batch_size=4))
     assert seen == {"steps": 2, "dropped": True} and trainer.global_step == 2
+
+
+def test_lightning_still_says_val_check_interval_in_these_words(tmp_path) -> None:
+    """compat.SETTING_ERRORS matches Lightning's ValueError for an int val_check_interval above the epoch's batches."""
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    data = torch.utils.data.DataLoader(torch.randn(6, 32), batch_size=2)  # 3 batches
+    trainer = L.Trainer(max_epochs=1, val_check_interval=5, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.raises(ValueError) as err:
+        trainer.fit(BoringModel(), train_dataloaders=data, val_dataloaders=data)
+    assert compat.is_setting_error(err.value)
+    assert not compat.is_setting_error(ValueError("some other fault"))
