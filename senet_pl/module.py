@@ -224,7 +224,7 @@ class SEResNetClassifier(L.LightningModule):
         decay = self.hparams.ema_decay
         if decay is not None and decay**total > EMA_INITIAL_SHARE and self.global_step < total:
             rank_zero_warn(f"--model.ema_decay {decay} averages about the last {1 / (1 - decay):.0f} optimizer steps, "
-                           f"but this run has {total}: the initial, untrained weights will still be {decay**total:.0%} "
+                           f"but this run has {total}: the initial, untrained weights will still be {decay**total:.1%} "
                            "of the average that is validated, checkpointed and tested. Give a decay of at most "
                            f"{EMA_INITIAL_SHARE ** (1 / total):.4f} (README: \"Regularization switches\").")
         # A resumed run has the checkpoint's schedule by now: it must span this run (see schedule.py).

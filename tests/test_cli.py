@@ -535,12 +535,12 @@ def test_a_warm_up_longer_than_the_run_is_said(data_root: Path) -> None:
 
 
 def test_an_average_that_would_keep_the_initial_weights_is_said(data_root: Path) -> None:
-    """EMA starts from the first step's weights: with 0.9 over 3 steps, about 0.9**3 = 73% of them are left."""
+    """EMA starts from the first step's weights: with 0.9 over 3 steps, about 0.9**3 = 72.9% of them are left."""
     from senet_pl.cli import SENetCLI
 
     ema = ["--model.warmup_steps=0", "--trainer.max_epochs=1"]
     with pytest.warns(UserWarning, match=r"ema_decay 0.9 averages about the last 10 optimizer steps, but this run "
-                                         r"has 3: the initial, untrained weights will still be 73%.*at most 0.3684"):
+                                         r"has 3: the initial, untrained weights will still be 72.9%.*at most 0.3684"):
         SENetCLI(args=["fit", *TINY, *ema, "--model.ema_decay=0.9"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
