@@ -96,6 +96,9 @@ def test_the_whole_campaign_writes_measured_results(tmp_path: Path, one_thread: 
         # the accuracy reported is the one test logged into the run's folder
         logged = scalars(tmp_path / "work" / "lightning_logs" / name / "version_0")
         assert logged["test/acc"][-1][1] == pytest.approx(r["test_acc"])
+        # one validation (after the last epoch), not the sanity check's, as logged
+        assert r["val_acc_per_validation"] == [pytest.approx(v, abs=1e-6) for _, v in logged["val/acc"]]
+        assert len(r["val_acc_per_validation"]) == 1
 
     study = parts["study"]
     assert (study["planned_runs"], study["completed_runs"], study["stopped"]) == (2, 2, None)
@@ -112,7 +115,8 @@ def test_the_whole_campaign_writes_measured_results(tmp_path: Path, one_thread: 
     md = (out / "campaign.md").read_text()
     for text in ("## Goals (for an H200-class GPU)", "## Parts", "2 passed, 1 failed, 1 deselected", "## Benchmark",
                  f"| training, 28x28, batch 8: fit | - | {fit['images_per_s']:,.1f} |", "## Time to accuracy",
-                 parts["mnist"]["commands"][0], "## SE vs ResNet study (Fashion-MNIST)", "2 of 2 runs", study["table"]):
+                 parts["mnist"]["commands"][0], "## SE vs ResNet study (Fashion-MNIST)", "2 of 2 runs", study["table"],
+                 f"- fashion_mnist: {parts['fashion_mnist']['val_acc_per_validation'][0]:.4f}"):
         assert text in md, text
 
 

@@ -101,7 +101,7 @@ def _bench(bench: dict) -> list[str]:
 def _tta(results: dict) -> list[str]:
     lines = ["| dataset | status | test accuracy | fit wall time s | whole fit command s | checkpoint writes s | epochs "
              "| steps | training img/s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    commands = []
+    commands, history = [], []
     for name in ("mnist", "fashion_mnist"):
         r = results.get(name)
         if not r:
@@ -110,9 +110,12 @@ def _tta(results: dict) -> list[str]:
         epochs = f"{r['epochs']} of {r['max_epochs']}" if "epochs" in r else "-"
         lines.append(f"| {name} | {r['status']} | {acc} | {_cell(r.get('fit_seconds'))} | {_cell(r.get('fit_command_seconds'))} "
                      f"| {_cell(r.get('checkpoint_seconds'))} | {epochs} | {_cell(r.get('steps'))} | {_cell(r.get('images_per_s'), 0)} |")
+        if r.get("val_acc_per_validation"):
+            history.append(f"- {name}: " + ", ".join(f"{a:.4f}" for a in r["val_acc_per_validation"]))
         if r.get("commands"):
             commands += [f"# {name}", *r["commands"]]
-    return lines + (["", "```bash", *commands, "```"] if commands else [])
+    return (lines + (["", "val/acc after each validation of fit (held-out images):", *history] if history else [])
+            + (["", "```bash", *commands, "```"] if commands else []))
 
 
 def markdown(summary: dict) -> str:

@@ -2,10 +2,10 @@
 
 ``python -m senet_pl.tools.tta --args '[--config=configs/mnist.yaml, ...]' [--out result.json]`` runs exactly
 ``python -m senet_pl fit ARGS`` and ``python -m senet_pl test ARGS --ckpt_path last`` (the final weights) and
-reports the test accuracy, the wall time ``fit`` reports at its end (from the start of training, sanity check
-included, to its end: what the goals count), the whole command's time (parsing, reading the data), the epochs
-and steps done (``--trainer.max_time`` may stop a run early), training images/s and the time spent writing
-checkpoints inside ``fit``. The GPU campaign (``campaign.py``) runs it per dataset.
+reports the test accuracy, val/acc after each validation, the wall time ``fit`` reports at its end (from the start
+of training, sanity check included, to its end: what the goals count), the whole command's time (parsing, reading
+the data), the epochs and steps done (``--trainer.max_time`` may stop a run early), training images/s and the time
+spent writing checkpoints inside ``fit``. The GPU campaign (``campaign.py``) runs it per dataset.
 """
 
 import json
@@ -14,19 +14,36 @@ import sys
 import time
 from pathlib import Path
 
+import lightning.pytorch as L
+
 from senet_pl.cli import SENetCLI
 from senet_pl.compat import quiet
 from senet_pl.tools import run_as_cli
 
 
+class _ValidationHistory(L.Callback):
+    """val/acc after each validation of fit (not the sanity check): the accuracy per epoch that a report shows."""
+
+    def __init__(self) -> None:
+        self.val_acc: list[float] = []
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # After the epoch's metrics reached callback_metrics (a callback's on_validation_epoch_end comes before).
+        acc = trainer.callback_metrics.get("val/acc")
+        if not trainer.sanity_checking and trainer.state.fn == "fit" and acc is not None:
+            self.val_acc.append(round(float(acc), 6))
+
+
 class _MeasuredCLI(SENetCLI):
-    """The CLI, with the time its checkpoint writes take counted."""
+    """The CLI, with the time its checkpoint writes take counted and val/acc recorded after each validation."""
 
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
         self.checkpoint_seconds = 0.0
+        self.history = _ValidationHistory()
         if self.trainer is None:
             return
+        self.trainer.callbacks.append(self.history)
         io = self.trainer.strategy.checkpoint_io
         save = io.save_checkpoint
 
@@ -72,6 +89,7 @@ def tta(args: list[str] = [], out: str | None = None) -> dict:
         "args": args,
         "test_acc": float(test.trainer.callback_metrics["test/acc"]),
         "val_acc": float(val) if val is not None else None,
+        "val_acc_per_validation": fit.history.val_acc,
         "fit_seconds": summary.seconds,
         "fit_command_seconds": fit_command,
         "test_command_seconds": time.perf_counter() - test_started,
