@@ -46,7 +46,7 @@ from senet_pl.precision import ALIASES, resolve_precision
 from senet_pl.resume import reconcile, training_conflicts, weight_mismatch
 from senet_pl.runs import CLIError, find_checkpoint, remove_new_folders
 from senet_pl.schedule import ScheduleError
-from senet_pl.trainer import Trainer
+from senet_pl.trainer import Trainer, close_process_group
 from senet_pl.untrusted import CheckpointInfo, read_checkpoint
 
 
@@ -308,6 +308,7 @@ def main(args: list[str] | None = None) -> None:
     quiet()
     try:
         SENetCLI(args=args)
+        close_process_group()  # a DDP run's, which Lightning leaves open
     except (CLIError, DataError, CheckpointError, ExportError, NonFiniteLossError, ScheduleError) as err:
         sys.exit(f"error: {err}")
     except (MisconfigurationException, ValueError) as err:  # Lightning's own check of a value (limit_val_batches -1 ...)

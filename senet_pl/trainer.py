@@ -4,6 +4,7 @@ limits that read an integer as a number of batches."""
 from typing import Any
 
 import lightning.pytorch as L
+import torch
 
 from senet_pl.callbacks.excitation import ExcitationAnalysis
 from senet_pl.data import MNISTDataModule
@@ -102,3 +103,12 @@ class Trainer(L.Trainer):
             out: the file to write (default: the checkpoint's path with the format's suffix).
         """
         export_checkpoint(model, datamodule, ckpt_path, format, out)
+
+
+def close_process_group() -> None:
+    """Destroy the default process group of a finished DDP run, if there is one. Lightning's teardown leaves it
+    open, and a gloo group still alive at interpreter exit can abort the process after a successful run
+    ("terminate called without an active exception", exit status -6; pytorch/pytorch#190489). Call it only after a
+    run that ended normally: after a failure the other ranks may not get here, and NCCL's teardown is collective."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

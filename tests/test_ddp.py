@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import FULL_EPOCHS, N_TEST, N_TRAIN, cli, make_dataset, run, synthetic_split, write_idx
+import torch.distributed as dist
+from conftest import FULL_EPOCHS, N_TEST, N_TRAIN, TINY, cli, make_dataset, run, synthetic_split, write_idx
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from senet_pl.checkpoints import load_checkpoint
@@ -55,6 +56,23 @@ def test_ddp_two_processes_shard_reduce_and_checkpoint_once(tmp_path: Path, monk
     assert single.returncode == 0, single.stderr[-3000:]
     line = next(line for line in single.stdout.splitlines() if "val/acc" in line)
     assert float(line.split()[-1]) == pytest.approx(logged, abs=1e-6)
+
+
+def test_a_finished_run_closes_the_process_group_and_a_failed_one_leaves_it(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gloo group still open at interpreter exit can abort a successful DDP run's process (exit status -6);
+    after a failure the group is left alone, since the other ranks may never reach their teardown."""
+    make_dataset(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        assert "nowhere" in cli("fit", *TINY, "--trainer.max_epochs=1", "--data.data_dir=nowhere")
+        assert dist.is_initialized()
+        assert cli("fit", *TINY, "--trainer.max_epochs=1") is None
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 # -- 3 processes: an odd number of training batches, fewer validation batches than processes ------------
