@@ -135,15 +135,16 @@ class SENetCLI(LightningCLIHooks):
         else:
             self.explicit = parser.parse_args(args, defaults=False)
         subcommand = self.config.get("subcommand")
-        cfg = self.config[subcommand] if subcommand else self.config
+        self._name_plain_run(self.config[subcommand] if subcommand else self.config)
+        check_seed(self.config[subcommand].get("seed_everything") if subcommand else self.config.get("seed_everything"))
+
+    @staticmethod
+    def _name_plain_run(cfg: Namespace) -> None:
+        """Plain-ResNet runs get their own run name (mnist_no_se): --ckpt_path best never mixes the two models."""
         logger = cfg.trainer.logger
-        # Plain-ResNet runs of a recipe get their own run name (mnist_no_se), so that --ckpt_path best of the
-        # recipe never picks one of them, nor they an SE-ResNet.
         if cfg.model.se is False and isinstance(logger, Namespace) and logger.class_path.endswith(RUN_LOGGERS):
             name = logger.init_args.get("name") or ""
-            if "no_se" not in name:
-                logger.init_args.name = f"{name}_no_se" if name else "no_se"
-        check_seed(self.config[subcommand].get("seed_everything") if subcommand else self.config.get("seed_everything"))
+            logger.init_args.name = name if "no_se" in name else f"{name}_no_se" if name else "no_se"
 
     def _logger_root(self) -> Path | None:
         """save_dir/name of the TensorBoard (or CSV) logger, where the runs' version_N folders are."""
@@ -176,6 +177,7 @@ class SENetCLI(LightningCLIHooks):
         # Reported once the model exists, together with the optimizer's and schedule's (before_fit).
         self.conflicts = reconcile(info, cfg, self.explicit.get(subcommand), subcommand, MNISTDataModule.data_shape)
         self.ckpt_info = info
+        self._name_plain_run(cfg)  # again: se may have come from the checkpoint
         # A checkpoint of a run of this logger: log into that run's folder. Resuming, its TensorBoard curves
         # continue; evaluating, its test/val metrics join its training curves (one HParams row per model).
         root = self._logger_root()

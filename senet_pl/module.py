@@ -19,7 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from senet_pl.compat import estimated_steps
 from senet_pl.ema import EMA, EMA_INITIAL_SHARE
 from senet_pl.model import Depth, SEResNet, Stem
-from senet_pl.schedule import build_schedule, ramp, resize, warmup
+from senet_pl.schedule import build_schedule, check_warmup, ramp, resize, warmup
 
 
 class NonFiniteLossError(ArithmeticError):
@@ -188,6 +188,7 @@ class SEResNetClassifier(L.LightningModule):
         ramp_up = warmup(optimizer, self.hparams.warmup_steps)
         steps = self.schedule_steps() if self.lr_scheduler is not None else None
         main, self.length_from_run = build_schedule(self.lr_scheduler, optimizer, steps)
+        check_warmup(main, self.hparams.warmup_steps)
         plateau = isinstance(main, ReduceLROnPlateau)
         if ramp_up is not None and main is not None and interval == "step" and not plateau:
             # One schedule and one logged rate: the warm-up's and the schedule's factors multiply.

@@ -35,6 +35,12 @@ def check_options(cfg: Any, subcommand: str | None, root: Path | None) -> None:
         if 0 in (trainer.max_epochs, trainer.max_steps):
             option = "max_epochs" if trainer.max_epochs == 0 else "max_steps"
             raise CLIError(f"--trainer.{option} 0 trains nothing: give at least 1 (or -1 for no limit).")
+        if trainer.limit_train_batches == 0:  # 0 or 0.0
+            raise CLIError(f"--trainer.limit_train_batches {trainer.limit_train_batches} trains nothing: give a number "
+                           "of batches (at least 1) or a fraction of the epoch (0.5, 1.0).")
+        if trainer.val_check_interval == 0:  # Lightning would divide by it after the first step
+            raise CLIError(f"--trainer.val_check_interval {trainer.val_check_interval}: give a number of training "
+                           "batches (at least 1) or a fraction of the epoch (0.5, 1.0).")
         if trainer.max_time is not None:
             try:
                 Timer(duration=trainer.max_time)

@@ -3,7 +3,7 @@ means, and removing the folders a command made before it failed."""
 
 import shutil
 import sys
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from senet_pl.checkpoints import load_checkpoint
 
@@ -35,8 +35,9 @@ def find_checkpoint(root: Path | None, name: str, subcommand: str) -> str | None
         callbacks = last.get("callbacks", {}) if isinstance(last, dict) else {}
         callbacks = callbacks if isinstance(callbacks, dict) else {}
         best = [s.get("best_model_path") for s in callbacks.values() if isinstance(s, dict) and s.get("monitor")]
-        # only a file beside last.ckpt, in the same run's checkpoints folder
-        best = [Path(b) for b in best if isinstance(b, str) and b and Path(b).resolve().parent == path.resolve().parent]
+        # Only a file beside last.ckpt, in the same run's checkpoints folder, found by its name: the path recorded
+        # is relative to where training ran (and to where the run folder was then).
+        best = [path.parent / PurePath(b).name for b in best if isinstance(b, str) and PurePath(b).name]
         if not best or not best[0].is_file():
             raise CLIError(f"--ckpt_path best: {path} records no best checkpoint that still exists beside it (a run "
                            "without validation has none): use --ckpt_path last, or give a checkpoint's path.")

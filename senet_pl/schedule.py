@@ -18,11 +18,14 @@ import math
 from collections.abc import Callable
 
 import torch
-from torch.optim.lr_scheduler import LinearLR, LRScheduler
+from torch.optim.lr_scheduler import CosineAnnealingWarmRestarts, CyclicLR, LambdaLR, LinearLR, LRScheduler, OneCycleLR
 
 # A length argument, and what is added to the run's number of scheduler steps to get its value.
 LENGTHS = {"T_max": -1, "total_iters": -1, "total_steps": 0}
 WARMUP_START = 0.01  # the warm-up's first factor
+# Schedulers that compute the rate from scratch at every step instead of scaling the present one: chained after
+# the warm-up they would overwrite its factor.
+OUTRIGHT = (OneCycleLR, CyclicLR, CosineAnnealingWarmRestarts, LambdaLR)
 
 
 class ScheduleError(ValueError):
@@ -69,6 +72,16 @@ def length_argument(factory: Callable) -> str | None:
 def warmup(optimizer: torch.optim.Optimizer, steps: int) -> LinearLR | None:
     """A linear ramp of the learning rate from 1% to its full value over ``steps`` optimizer steps (None: no warm-up)."""
     return LinearLR(optimizer, start_factor=WARMUP_START, total_iters=steps) if steps else None
+
+
+def check_warmup(scheduler: LRScheduler | None, warmup_steps: int) -> None:
+    """Refuse a warm-up with a scheduler that would overwrite it (OUTRIGHT)."""
+    if warmup_steps and isinstance(scheduler, OUTRIGHT):
+        raise ScheduleError(
+            f"--model.lr_scheduler {type(scheduler).__name__} sets the learning rate outright at every step, so it would "
+            f"undo the warm-up of --model.warmup_steps {warmup_steps}: give --model.warmup_steps 0 (OneCycleLR and "
+            "CyclicLR ramp the rate up themselves)."
+        )
 
 
 def ramp(step: int, warmup_steps: int) -> float:

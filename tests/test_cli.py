@@ -1,4 +1,7 @@
 import csv
+import shlex
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -303,6 +306,20 @@ def test_plain_runs_are_named_after_their_recipe(data_root: Path, recipe: str) -
     assert SENetCLI(args=args, run=False).trainer.logger.name == recipe
 
 
+def test_a_plain_checkpoint_without_its_config_stays_in_plain_runs(data_root: Path, tmp_path: Path) -> None:
+    """se comes from the checkpoint when no option or config gives it: the run name follows it, so testing or
+    resuming a plain model never puts it where --ckpt_path best of an SE-ResNet's runs looks."""
+    assert main(["fit", *TINY, "--trainer.max_epochs=1", f"--config={REPO / 'configs/no_se.yaml'}"]) is None
+    last = tmp_path / "lightning_logs/mnist_no_se/version_0/checkpoints/last.ckpt"
+    bare = [a for a in TINY if not a.startswith("--config")]  # the defaults: se not given
+    assert main(["test", *bare, f"--ckpt_path={last}"]) is None
+    schedule = "--model.lr_scheduler=senet_pl.schedule.CosineAnnealingLR"  # the recipe's (the default has none)
+    assert main(["fit", *bare, "--trainer.max_epochs=2", "--seed_everything=42", schedule, f"--ckpt_path={last}"]) is None
+    runs = sorted(p.name for p in (tmp_path / "lightning_logs").iterdir())
+    assert len(runs) == 2 and all(name.endswith("_no_se") for name in runs), runs
+    assert "se: false" in (tmp_path / "lightning_logs" / runs[1] / "version_1/config.yaml").read_text()
+
+
 def test_seed_224_is_the_tutorial_recipe(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
         main(["fit", f"--config={REPO / 'configs/seed_224.yaml'}", "--print_config"])
@@ -349,6 +366,14 @@ def test_a_file_where_the_run_folders_go_is_one_line(tmp_path: Path) -> None:
         (["--ckpt_path=broken.ckpt"], "cannot read checkpoint broken.ckpt"),
         (["--seed_everything=-1"], "--seed_everything -1 is out of range: use a seed from 0 to 4294967295"),
         (["--seed_everything=4294967296"], "--seed_everything 4294967296 is out of range"),
+        (["--trainer.limit_train_batches=0"], "--trainer.limit_train_batches 0 trains nothing"),
+        (["--trainer.limit_train_batches=0.0"], "--trainer.limit_train_batches 0.0 trains nothing"),
+        (["--trainer.val_check_interval=0"], "--trainer.val_check_interval 0: give a number of training batches"),
+        (["--trainer.val_check_interval=0.0"], "--trainer.val_check_interval 0.0: give a number of training batches"),
+        # the recipe's warm-up (100 steps) would be overwritten by a schedule that sets the rate outright
+        (["--model.lr_scheduler=OneCycleLR", "--model.lr_scheduler.max_lr=0.1"], "give --model.warmup_steps 0"),
+        (["--model.lr_scheduler=CosineAnnealingWarmRestarts", "--model.lr_scheduler.T_0=2"],
+         "CosineAnnealingWarmRestarts sets the learning rate outright"),
     ],
 )
 def test_runs_that_fail_before_their_first_step_leave_no_run_folder(
@@ -398,6 +423,19 @@ def test_fit_ends_with_a_summary_whose_next_command_works(trained: Path) -> None
     result = run(trained, *args[:-2], "--trainer.limit_test_batches=2", "--trainer.enable_progress_bar=false", *args[-2:])
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"test done of {args[-1]}: test/acc " in result.stdout
+
+
+def test_the_next_command_can_be_pasted_when_the_run_folder_has_a_space(data_root: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    assert main(["fit", *TINY, "--trainer.max_epochs=1", "--trainer.logger.init_args.save_dir=my logs"]) is None
+    out = capsys.readouterr().out
+    assert "curves: tensorboard --logdir 'my logs/mnist'" in out, out[-2000:]
+    pasted = next(line for line in out.splitlines() if line.startswith("next: python -m senet_pl test "))
+    command = pasted.removeprefix("next: python") + " --trainer.limit_test_batches=2 --trainer.enable_progress_bar=false"
+    result = subprocess.run(["bash", "-c", shlex.quote(sys.executable) + command], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and "test done of my logs/mnist/version_0/checkpoints/best-epoch00" in result.stdout, \
+        result.stderr[-2000:]
 
 
 def test_a_run_prints_no_message_a_user_cannot_act_on(trained: Path) -> None:

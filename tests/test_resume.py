@@ -343,6 +343,20 @@ def test_best_is_only_looked_for_beside_last(run_copy: Path, tmp_path: Path) -> 
     assert message is not None and "records no best checkpoint that still exists beside it" in message
 
 
+def test_best_is_found_from_another_folder_and_in_a_moved_run(run_copy: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lightning records the best checkpoint's path as training saw it (relative to its working directory):
+    --ckpt_path best finds the file by its name beside last.ckpt, from anywhere, after the runs were moved."""
+    recorded = _best_state(load_checkpoint(run_copy))["best_model_path"]
+    assert not Path(recorded).is_absolute()  # what makes the record go stale
+    (tmp_path / "lightning_logs").rename(tmp_path / "moved")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    data = [a if not a.startswith("--data.data_dir") else "--data.data_dir=../data" for a in TINY]
+    assert cli("test", *data, "--trainer.logger.init_args.save_dir=../moved", "--ckpt_path=best") is None
+    assert (tmp_path / "moved/mnist/version_0/config_test.yaml").is_file()  # tested and logged into that run
+
+
 @pytest.mark.parametrize(
     ("damage", "expected"),
     [

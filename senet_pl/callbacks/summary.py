@@ -1,5 +1,6 @@
 """What a command did, in a few lines at its end: where the results are and what to run next."""
 
+import shlex
 import time
 from pathlib import Path
 
@@ -51,10 +52,11 @@ class RunSummary(Callback):
         if last is not None:
             lines.append(f"last checkpoint: {last}")
         if best is not None and best.best_model_path:
-            given = f"--config {config} " if config is not None and config.is_file() else ""
-            lines.append(f"next: python -m senet_pl test {given}--ckpt_path {best.best_model_path}")
+            # quoted for the shell, so that it can be pasted as it is (a folder name with a space ...)
+            given = f"--config {shlex.quote(str(config))} " if config is not None and config.is_file() else ""
+            lines.append(f"next: python -m senet_pl test {given}--ckpt_path {shlex.quote(best.best_model_path)}")
         if log_dir and isinstance(trainer.logger, TensorBoardLogger):
-            lines.append(f"curves: tensorboard --logdir {Path(log_dir).parent}")
+            lines.append(f"curves: tensorboard --logdir {shlex.quote(str(Path(log_dir).parent))}")
         return lines
 
     @staticmethod
