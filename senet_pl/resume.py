@@ -45,9 +45,10 @@ def reconcile(info: CheckpointInfo, cfg: Any, explicit: Any, subcommand: str,
     def align(group: str, key: str, source: dict) -> None:
         if key not in source:
             return
-        want, given = source[key], _get(_get(explicit, group), key)
-        if given is not None and given != want:
-            lines.append(f"--{group}.{key} {given}, but the checkpoint has {want}")
+        options = _get(explicit, group)  # a key given as null is in it, with the value None
+        want, given = source[key], _get(options, key)
+        if options is not None and key in options and given != want:
+            lines.append(f"--{group}.{key} {'null' if given is None else given}, but the checkpoint has {want}")
         else:
             cfg[f"{group}.{key}"] = want
 

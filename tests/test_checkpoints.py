@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FULL_EPOCHS, TINY, make_dataset, mixed_folder, run
+from conftest import FULL_EPOCHS, TINY, cli, make_dataset, mixed_folder, run
 
 from senet_pl import checkpoints
 from senet_pl.checkpoints import TEMP_PREFIX, AtomicCheckpointIO, CheckpointError, load_checkpoint
@@ -393,6 +393,16 @@ def uninterrupted_ema(tmp_path_factory: pytest.TempPathFactory) -> Path:
         mp.chdir(cwd)
         fit(*EMA_RUN)
     return cwd / CHECKPOINTS / "last.ckpt"
+
+
+def test_a_resume_refuses_to_drop_the_average_with_null(uninterrupted_ema: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """--model.ema_decay null is a value given, not an option left out: refused like any other decay."""
+    monkeypatch.chdir(uninterrupted_ema.parents[4])
+    without = [a for a in EMA_RUN if not a.startswith("--model.ema_decay")]
+    message = cli("fit", *without, "--trainer.max_epochs=3", "--model.ema_decay=null", f"--ckpt_path={uninterrupted_ema}")
+    assert message is not None and "--model.ema_decay null, but the checkpoint has 0.9" in message, message
+    assert load_checkpoint(uninterrupted_ema)["global_step"] == 6  # nothing ran
 
 
 @pytest.mark.parametrize(("stop", "step"), [("mid-epoch", 4), ("SIGTERM in validation", 3)])
