@@ -82,13 +82,15 @@ class _DropInfo(logging.Filter):
 
 
 def quiet() -> None:
-    """Silence the Lightning messages above; every other message and warning is kept."""
+    """Silence the Lightning messages above; every other message and warning is kept, a warning as one line (its
+    category and text: the file and source line that Python adds by default tell a user nothing)."""
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropInfo) for f in logger.filters):
             logger.addFilter(_DropInfo())
     for message in UNACTIONABLE_WARNINGS:
         warnings.filterwarnings("ignore", message=f".*{message}")
+    warnings.formatwarning = lambda message, category, *_, **__: f"{category.__name__}: {message}\n"
 
 
 def estimated_steps(trainer: L.Trainer) -> int | float:

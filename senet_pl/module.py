@@ -221,13 +221,15 @@ class SEResNetClassifier(L.LightningModule):
             rank_zero_warn(f"--model.warmup_steps {warmup_steps} is longer than this run's {total} optimizer steps: the "
                            f"learning rate never reaches the optimizer's (at most {ramp(total, warmup_steps):.0%} of it). "
                            "Give a shorter --model.warmup_steps (0: none).")
-        # The average starts from the initial weights (no warm-up): what is left of them at the run's end.
-        decay = self.hparams.ema_decay
-        if decay is not None and decay**total > EMA_INITIAL_SHARE and self.global_step < total:
+        # The average starts as a copy of the weights after the first optimizer step (no warm-up): what is left
+        # of them after the run's other total - 1 updates.
+        decay, updates = self.hparams.ema_decay, max(total - 1, 1)
+        if decay is not None and decay**updates > EMA_INITIAL_SHARE and self.global_step < total:
             rank_zero_warn(f"--model.ema_decay {decay} averages about the last {1 / (1 - decay):.0f} optimizer steps, "
-                           f"but this run has {total}: the initial, untrained weights will still be {decay**total:.1%} "
-                           "of the average that is validated, checkpointed and tested. Give a decay of at most "
-                           f"{EMA_INITIAL_SHARE ** (1 / total):.4f} (README: \"Regularization switches\").")
+                           f"but this run has {total}: the weights of its first step, barely trained, will still be "
+                           f"{decay**updates:.1%} of the average that is validated, checkpointed and tested. Give a decay "
+                           "of at most "
+                           f"{EMA_INITIAL_SHARE ** (1 / updates):.4f} (README: \"Regularization switches\").")
         # A resumed run has the checkpoint's schedule by now: it must span this run (see schedule.py).
         if self.length_from_run is not None:
             steps = self.schedule_steps()
