@@ -425,6 +425,18 @@ def test_fit_ends_with_a_summary_whose_next_command_works(trained: Path) -> None
     assert f"test done of {args[-1]}: test/acc " in result.stdout
 
 
+def test_a_run_cut_within_an_epoch_says_how_far_it_got_and_what_to_test(data_root: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    """max_steps 4 of an epoch of 10 batches: no validation ran, so there is no best checkpoint; last.ckpt is next."""
+    full = [a for a in TINY if not a.startswith("--trainer.limit_train_batches")]
+    assert main(["fit", *full, "--trainer.max_epochs=5", "--trainer.max_steps=4"]) is None
+    out = capsys.readouterr().out
+    assert "fit done: 0 epoch(s) and 4 of 10 batches, step 4 (4 in this run)" in out, out[-2000:]
+    assert "best checkpoint" not in out
+    assert "next: python -m senet_pl test --config lightning_logs/mnist/version_0/config.yaml --ckpt_path " \
+           "lightning_logs/mnist/version_0/checkpoints/last.ckpt" in out, out[-2000:]
+
+
 def test_the_next_command_can_be_pasted_when_the_run_folder_has_a_space(data_root: Path, tmp_path: Path,
                                                                       capsys: pytest.CaptureFixture) -> None:
     assert main(["fit", *TINY, "--trainer.max_epochs=1", "--trainer.logger.init_args.save_dir=my logs"]) is None

@@ -43,7 +43,7 @@ class RunSummary(Callback):
         config = Path(log_dir) / "config.yaml" if log_dir else None
         steps = trainer.global_step - self.start_step
         speed = f", {self.images / self.train_seconds:,.0f} training images/s" if self.train_seconds and self.images else ""
-        lines = [f"fit done: {trainer.current_epoch} epoch(s), step {trainer.global_step} ({steps} in this run) "
+        lines = [f"fit done: {self.epochs(trainer)}, step {trainer.global_step} ({steps} in this run) "
                  f"in {self.seconds:.1f} s{speed}."]
         best = next((c for c in trainer.checkpoint_callbacks if type(c) is ModelCheckpoint), None)
         if best is not None and best.best_model_path:
@@ -51,13 +51,22 @@ class RunSummary(Callback):
             lines.append(f"best checkpoint{score}: {best.best_model_path}")
         if last is not None:
             lines.append(f"last checkpoint: {last}")
-        if best is not None and best.best_model_path:
+        tested = best.best_model_path if best is not None and best.best_model_path else last  # no validation: last
+        if tested:
             # quoted for the shell, so that it can be pasted as it is (a folder name with a space ...)
             given = f"--config {shlex.quote(str(config))} " if config is not None and config.is_file() else ""
-            lines.append(f"next: python -m senet_pl test {given}--ckpt_path {shlex.quote(best.best_model_path)}")
+            lines.append(f"next: python -m senet_pl test {given}--ckpt_path {shlex.quote(str(tested))}")
         if log_dir and isinstance(trainer.logger, TensorBoardLogger):
             lines.append(f"curves: tensorboard --logdir {shlex.quote(str(Path(log_dir).parent))}")
         return lines
+
+    @staticmethod
+    def epochs(trainer: L.Trainer) -> str:
+        """The epochs trained, and how far the last one got where it was cut short (max_steps, max_time)."""
+        done, total = trainer.fit_loop.epoch_loop.batch_progress.current.ready, trainer.num_training_batches
+        if 0 < done < total:  # Lightning counts the cut epoch as one
+            return f"{max(trainer.current_epoch - 1, 0)} epoch(s) and {done} of {total} batches"
+        return f"{trainer.current_epoch} epoch(s)"
 
     @staticmethod
     def eval_line(trainer: L.Trainer, subcommand: str, ckpt_path: str | None, log_dir: str | None) -> str:
