@@ -18,8 +18,9 @@ from lightning.pytorch.callbacks import EMAWeightAveraging
 
 
 # The average starts as a copy of the weights after the first optimizer step, with no warm-up: a run in which
-# more than this share of them is left in the average at its end is warned about (module.py). On a 1,065-step run, 0.995 kept 0.5% and its
-# val/acc still lagged the training weights' for the first five epochs (README: "Regularization switches").
+# more than this share of them is left in the average at its end is warned about (module.py). On a 1,065-step
+# run, 0.995 kept 0.5% and its val/acc still lagged the training weights' for the first five epochs (README:
+# "Regularization switches").
 EMA_INITIAL_SHARE = 0.05
 
 
