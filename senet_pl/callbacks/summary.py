@@ -8,6 +8,8 @@ import lightning.pytorch as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from senet_pl.compat import batches_done
+
 
 class RunSummary(Callback):
     """Counts the training images and the wall time of ``fit``; ``fit_lines`` and ``eval_line`` describe the run."""
@@ -63,7 +65,7 @@ class RunSummary(Callback):
     @staticmethod
     def epochs(trainer: L.Trainer) -> str:
         """The epochs trained, and how far the last one got where it was cut short (max_steps, max_time)."""
-        done, total = trainer.fit_loop.epoch_loop.batch_progress.current.ready, trainer.num_training_batches
+        done, total = batches_done(trainer), trainer.num_training_batches
         if 0 < done < total:  # Lightning counts the cut epoch as one
             return f"{max(trainer.current_epoch - 1, 0)} epoch(s) and {done} of {total} batches"
         return f"{trainer.current_epoch} epoch(s)"
