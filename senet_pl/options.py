@@ -29,6 +29,11 @@ def check_options(cfg: Any, subcommand: str | None, root: Path | None) -> None:
             + (", or --model.stem cifar." if cfg.model.stem == "imagenet" else ".")
         )
     trainer = cfg.trainer
+    limit = {"validate": "limit_val_batches", "test": "limit_test_batches", "analyze": "limit_test_batches",
+             "predict": "limit_predict_batches"}.get(subcommand)
+    if limit is not None and trainer.get(limit) == 0:  # 0 or 0.0: Lightning would report success with no results
+        raise CLIError(f"--trainer.{limit} {trainer.get(limit)}: {subcommand} would evaluate nothing; give a number of "
+                       "batches (at least 1) or a fraction of the split (0.5, 1.0).")
     if subcommand == "fit":
         if trainer.max_epochs is not None and trainer.max_epochs < -1:
             raise CLIError(f"--trainer.max_epochs {trainer.max_epochs}: give a number of epochs (or -1 for no limit).")

@@ -38,7 +38,8 @@ def find_checkpoint(root: Path | None, name: str, subcommand: str) -> str | None
         # Only a file beside last.ckpt, in the same run's checkpoints folder, found by its name: the path recorded
         # is relative to where training ran (and to where the run folder was then).
         best = [path.parent / PurePath(b).name for b in best if isinstance(b, str) and PurePath(b).name]
-        if not best or not best[0].is_file():
+        # (and not a link to a file elsewhere)
+        if not best or not best[0].is_file() or best[0].resolve().parent != path.parent.resolve():
             raise CLIError(f"--ckpt_path best: {path} records no best checkpoint that still exists beside it (a run "
                            "without validation has none): use --ckpt_path last, or give a checkpoint's path.")
         path = best[0]

@@ -387,6 +387,16 @@ def test_runs_that_fail_before_their_first_step_leave_no_run_folder(
     assert not list(tmp_path.glob("lightning_logs/*/version_*"))  # nothing for --ckpt_path last|best|auto to pick
 
 
+@pytest.mark.parametrize(("subcommand", "limit"), [("validate", "limit_val_batches 0"), ("test", "limit_test_batches 0.0"),
+                                                  ("analyze", "limit_test_batches 0"), ("predict", "limit_predict_batches 0")])
+def test_an_evaluation_of_no_batches_is_refused(data_root: Path, subcommand: str, limit: str) -> None:
+    """Lightning would report success with no metrics (or an empty CSV)."""
+    with pytest.raises(SystemExit) as exit_:
+        main([subcommand, *TINY, f"--trainer.{limit.replace(' ', '=')}"])
+    message = str(exit_.value.code)
+    assert f"--trainer.{limit}: {subcommand} would evaluate nothing" in message and "\n" not in message, message
+
+
 @pytest.mark.parametrize("form", ["argv", "yaml"])
 def test_an_integer_limit_is_a_number_of_batches(data_root: Path, tmp_path: Path, form: str) -> None:
     """``--trainer.limit_val_batches 1`` is one batch (Lightning's own signature would read 1.0: all of them);
