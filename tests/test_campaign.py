@@ -15,7 +15,7 @@ from conftest import REPO, make_dataset, scalars
 
 from senet_pl.model import SEResNet
 from senet_pl.tools.campaign import PARTS, campaign
-from senet_pl.tools.campaign_report import goals, pytest_counts
+from senet_pl.tools.campaign_report import goals, pytest_counts, pytest_failures
 from senet_pl.tools.process import run_process
 
 TINY_RUN = ["--data.val_size=16", "--data.batch_size=8", "--trainer.limit_train_batches=2",
@@ -35,7 +35,7 @@ def _tiny(tmp_path: Path, sleep: float = 0) -> dict:
     """The campaign's options for a run of seconds on a CPU: tiny data, 1-2 steps, one seed of two models."""
     (tmp_path / "t_gpu.py").write_text(GPU_TESTS.format(sleep=sleep))
     return dict(
-        out=str(tmp_path / "out"), work=str(tmp_path / "work"), data_dir=str(tmp_path / "data"),
+        out=str(tmp_path / "out"), work=str(tmp_path / "work"), data_dir=str(tmp_path / "data"), parts=PARTS,
         pytest_args=["-m", "gpu", str(tmp_path / "t_gpu.py")],
         bench_args=["--val_size=16", "--steps=1", "--data_steps=2"],
         # the large rows at 28x28 and batch 8: the same cases as the small ones, so each runs once
@@ -72,8 +72,9 @@ def test_the_whole_campaign_writes_measured_results(tmp_path: Path, one_thread: 
     assert tests["note"] == "some tests failed" and "test_fails" in tests["output_tail"]
 
     rows = {r["label"]: r for r in parts["bench"]["rows"]}
-    assert list(rows) == ["data path, 28x28, batch 32: tutorial vs ours", "training, 28x28, batch 8: fit",
-                          "Lightning overhead, 28x28, batch 8: plain loop vs fit"]  # same label twice: one entry
+    # the goals' rows first (a budget that runs out leaves the data path unmeasured); same label twice: one entry
+    assert list(rows) == ["training, 28x28, batch 8: fit", "Lightning overhead, 28x28, batch 8: plain loop vs fit",
+                          "data path, 28x28, batch 32: tutorial vs ours"]
     assert len(parts["bench"]["rows"]) == 5
     for row in parts["bench"]["rows"]:
         assert "error" not in row
@@ -155,7 +156,8 @@ def test_sigterm_stops_the_running_part_and_writes_what_was_measured(tmp_path: P
     summary = json.loads((tmp_path / "out" / "campaign.json").read_text())
     assert not summary["finished"] and "not finished" in stdout
     assert summary["parts"]["gpu_tests"]["status"] == "stopped"
-    assert all(summary["parts"][n] == {"status": "skipped", "note": "SIGTERM"} for n in PARTS[1:])
+    assert all(summary["parts"][n] == {"status": "skipped", "note": "SIGTERM"} for n in PARTS[1:4])
+    assert summary["parts"]["study"] == {"status": "skipped", "note": "not asked for"}  # by default: only when named
 
 
 def test_pytest_counts_read_the_closing_line() -> None:
@@ -163,6 +165,28 @@ def test_pytest_counts_read_the_closing_line() -> None:
     assert pytest_counts("====== 3 passed, 2 skipped, 1 xfailed in 12.00s ======")["skipped"] == 2
     assert set(pytest_counts("no tests ran in 0.01s").values()) == {0}
     assert set(pytest_counts("ImportError while loading conftest").values()) == {0}
+
+
+def test_a_failures_traceback_is_kept_when_warnings_fill_the_closing_lines(tmp_path: Path) -> None:
+    """The first GPU run of the campaign (H200, 2026-12-04) reported "1 failed" and kept only the last 3000
+    characters of pytest's output: the warnings summary and durations, not the failure."""
+    tests = "import warnings, pytest\n@pytest.mark.gpu\ndef test_fails():\n    seen = 41\n    assert seen == 42, 'MARKER'\n"
+    tests += "".join(f"@pytest.mark.gpu\ndef test_warns_{i}():\n    warnings.warn('{'w' * 200} {i}')\n" for i in range(30))
+    (tmp_path / "t_gpu.py").write_text(tests)
+    out = tmp_path / "out"
+    campaign(out=str(out), work=str(tmp_path / "work"), parts=["gpu_tests"],
+             pytest_args=["-m", "gpu", "--tb=short", str(tmp_path / "t_gpu.py")])
+    result = json.loads((out / "gpu_tests.json").read_text())
+    assert result["counts"]["failed"] == 1 and result["counts"]["passed"] == 30
+    assert "MARKER" not in result["output_tail"]  # what the results held before
+    assert "AssertionError: MARKER" in result["failures"] and "assert 41 == 42" in result["failures"]
+    assert result["failures"].splitlines()[0].strip("= ") == "FAILURES"
+    assert "warnings summary" not in result["failures"]
+    assert "AssertionError: MARKER" in (out / "campaign.md").read_text()
+    # a long section is cut at its end, saying by how much
+    cut = pytest_failures(f"=== FAILURES ===\n{'x' * 100}\n=== short test summary info ===\n", limit=40)
+    assert cut.startswith("=== FAILURES ===") and cut.endswith("[... 77 more characters]")
+    assert pytest_failures("1 passed in 0.01s") == ""
 
 
 def test_goals_judge_only_what_was_measured_at_the_goals_settings() -> None:

@@ -29,6 +29,25 @@ def pytest_counts(stdout: str) -> dict[str, int]:
     return counts
 
 
+# pytest's section headers, e.g. "===== FAILURES =====" or "===== short test summary info ====="
+_SECTION = re.compile(r"^=+ (.+?) =+$")
+FAILURES_CHARS = 12_000  # of pytest's FAILURES and ERRORS sections kept in the results
+
+
+def pytest_failures(stdout: str, limit: int = FAILURES_CHARS) -> str:
+    """pytest's FAILURES and ERRORS sections (the tracebacks), at most ``limit`` characters, from their start: a
+    run's closing lines (warnings, durations) can be longer than any tail kept, and the first failure matters most."""
+    kept, keep = [], False
+    for line in stdout.splitlines():
+        header = _SECTION.match(line)
+        if header:
+            keep = header.group(1) in ("FAILURES", "ERRORS")
+        if keep:
+            kept.append(line)
+    text = "\n".join(kept)
+    return text if len(text) <= limit else text[:limit] + f"\n[... {len(text) - limit:,} more characters]"
+
+
 def _goal(goal: str, target: str, measured: str | None, ok: bool | None) -> dict:
     verdict = "not measured" if ok is None else "pass" if ok else "fail"
     return {"goal": goal, "target": target, "measured": measured or "-", "verdict": verdict}
@@ -137,6 +156,8 @@ def markdown(summary: dict) -> str:
         t = parts["gpu_tests"]
         counts = ", ".join(f"{n} {k}" for k, n in t["counts"].items() if n) or "no tests"
         lines += ["", "## GPU tests", "", f"`{' '.join(t['command'])}`: {counts} (exit status {t['returncode']})."]
+        if t.get("failures"):
+            lines += ["", "```text", t["failures"], "```"]
     if parts.get("bench", {}).get("rows"):
         lines += ["", "## Benchmark", "", "One run of each case, each in its own process; img/s of the timed steps "
                   "after warm-up; peak memory: the process's RSS and torch.cuda.max_memory_allocated; a case in several "
