@@ -87,7 +87,7 @@ def test_the_whole_campaign_writes_measured_results(tmp_path: Path, one_thread: 
     assert fit["case"] == "train:fit:28:8" and rows["Lightning overhead, 28x28, batch 8: plain loop vs fit"]["right"] == fit
     assert rows["Lightning overhead, 28x28, batch 8: plain loop vs fit"]["left"]["case"] == "train:plain:28:8"
 
-    for name, max_time in (("mnist", "00:00:00:30"), ("fashion_mnist", "00:00:02:00")):  # budget - 30 s
+    for name, max_time in (("mnist", "00:00:00:40"), ("fashion_mnist", "00:00:02:30")):  # budget - 30 s
         r = parts[name]
         assert (r["epochs"], r["max_epochs"], r["steps"], r["stopped_early"]) == (1, 1, 2, False)
         assert 0 < r["fit_seconds"] < r["fit_command_seconds"] < r["process_seconds"] and r["images_per_s"] > 0
