@@ -11,7 +11,8 @@ from senet_pl.tools.process import REPO, run_process
 TAIL = 3000  # characters of a failed child's output kept in the results
 
 # Time to accuracy on a GPU. The reduced MNIST has 9,000 training images: a larger batch leaves too few steps, so
-# its recipe is the one measured on a CPU (batch 128, lr 0.1, 15 epochs: 99.27-99.32% over three seeds).
+# its recipe is the one measured on a CPU (batch 128, lr 0.1, 15 epochs: 99.27-99.32% from the best checkpoints
+# of three seeds; the campaign tests the final weights).
 # Fashion-MNIST: batch 512, lr scaled linearly (0.4) with a longer warm-up, mirror images and random erasing, 30
 # epochs. Validation only after the last epoch; cuDNN picks its algorithms. Sized by the first run on an H200
 # (README "GPU campaign"): 4,365 training images/s at batch 128 and 14,453 at 512, so 15 and 30 epochs take about
