@@ -550,6 +550,10 @@ def test_a_run_without_a_logger_keeps_its_checkpoints_and_writes_nothing_else(tm
                   "--ckpt_path=checkpoints/last.ckpt")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "fit done: 2 epoch(s), step 6 (3 in this run)" in resumed.stdout
+    # a finished run resumed with nothing left to train: its steps are the checkpoint's, none of them this run's
+    again = run(tmp_path, "fit", *TINY, "--trainer.max_epochs=2", "--trainer.logger=false",
+                "--ckpt_path=checkpoints/last.ckpt")
+    assert again.returncode == 0 and "fit done: 2 epoch(s), step 6 (0 in this run)" in again.stdout, again.stdout
     tested = run(tmp_path, "test", *TINY, "--trainer.logger=false", "--ckpt_path=checkpoints/last.ckpt")
     assert tested.returncode == 0 and "test/acc" in tested.stdout and "logged to" not in tested.stdout
 

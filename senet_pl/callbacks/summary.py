@@ -19,11 +19,11 @@ class RunSummary(Callback):
         self.seconds = 0.0  # fit's wall time
         self.train_seconds = 0.0  # in training steps (forward, backward, optimizer): no validation, no startup
         self.images = 0
-        self.start_step = 0
+        self.start_step: int | None = None  # None: training never started (a resumed run with nothing left to train)
         self._batch_started = 0.0
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.started, self.images = time.perf_counter(), 0
+        self.started, self.images, self.start_step = time.perf_counter(), 0, None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.start_step = trainer.global_step  # after a resume: the checkpoint's
@@ -43,7 +43,7 @@ class RunSummary(Callback):
         (``log_dir``: ``trainer.log_dir``, which every process must ask for under DDP: it is a collective.)"""
         log_dir = log_dir if trainer.logger is not None else None  # without a logger: the working directory, no run's
         config = Path(log_dir) / "config.yaml" if log_dir else None
-        steps = trainer.global_step - self.start_step
+        steps = trainer.global_step - self.start_step if self.start_step is not None else 0
         speed = f", {self.images / self.train_seconds:,.0f} training images/s" if self.train_seconds and self.images else ""
         lines = [f"fit done: {self.epochs(trainer)}, step {trainer.global_step} ({steps} in this run) "
                  f"in {self.seconds:.1f} s{speed}."]
