@@ -62,7 +62,7 @@ class MNISTDataModule(L.LightningDataModule):
                 values are resized (bilinear) on the training device.
             batch_size: images per batch (per process under DDP).
             val_size: images held out from the training split for validation; the official test split
-                is only used by ``test`` and ``predict``.
+                is only used by ``test``, ``predict``, ``analyze`` and ``export``, never in ``fit``.
             split_seed: seed of the train/validation split, fixed so that every run holds out the same images.
             translate: training-time augmentation: shift each image by up to this many pixels (of the 28x28
                 original) in x and y, independently per image; 0 turns it off. Never applied to val/test.

@@ -12,7 +12,7 @@
 Each part has its own time budget (never more than what is left of the whole one): a child process that
 overruns it is ended, and the part is recorded as timed out with what it had (the benchmark's rows and the
 study's runs are kept as they finish). A part that fails is recorded with its error, and the next one runs.
-``DIR`` gets ``<part>.json`` as soon as each part ends (and as the benchmark and study go), and
+``DIR`` gets ``<part>.json`` as soon as each part ends (``bench.json`` also after every row), and
 ``campaign.json`` / ``campaign.md`` (all parts, and the goals for an H200-class GPU as pass/fail) after each.
 SIGTERM (``timeout``) stops it the same way: what was measured is written. The defaults are the GPU settings;
 the tests run the same code with tiny ones on a CPU. ``.ci/gpu-campaign`` prepares an offline machine and runs it.
