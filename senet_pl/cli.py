@@ -26,7 +26,7 @@ from typing import Any
 
 import lightning.pytorch as L
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
@@ -38,7 +38,7 @@ from senet_pl.callbacks.predictions import PredictionWriter
 from senet_pl.callbacks.summary import RunSummary
 from senet_pl.checkpoints import AtomicCheckpointIO, CheckpointError, as_lightning_checkpoint
 from senet_pl.export import ExportError
-from senet_pl.compat import LightningCLIHooks, is_setting_error, quiet
+from senet_pl.compat import LearningRateMonitor, LightningCLIHooks, is_setting_error, quiet
 from senet_pl.data import DataError, MNISTDataModule
 from senet_pl.module import NonFiniteLossError, SEResNetClassifier
 from senet_pl.options import check_options, check_seed

@@ -8,6 +8,7 @@ import warnings
 from typing import Any
 
 import lightning.pytorch as L
+from lightning.pytorch import callbacks
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.cli import LightningCLI
 
@@ -27,6 +28,19 @@ def at_last_batch(trainer: L.Trainer) -> bool:
 def file_writer(experiment: Any) -> Any:
     """The low-level event-file writer of a TensorBoard SummaryWriter (for raw summaries such as HParams)."""
     return experiment._get_file_writer()
+
+
+class LearningRateMonitor(callbacks.LearningRateMonitor):
+    """Lightning's monitor, with the rate of a lone optimizer without a scheduler (``seed_224.yaml``: no schedule,
+    no warm-up) logged as ``train/lr``, the key of every scheduled run, instead of ``lr-SGD`` (Lightning names it
+    in ``_find_names_from_optimizers``). Scheduled rates keep the name their scheduler config gives."""
+
+    def _find_names_from_optimizers(self, optimizers: list[Any], seen_optimizers: list, seen_optimizer_types: Any):
+        lone = len(optimizers) == 1 and not seen_optimizers  # before super(), which adds to seen_optimizers
+        names, without_scheduler = super()._find_names_from_optimizers(optimizers, seen_optimizers, seen_optimizer_types)
+        if lone and names == [[f"lr-{type(without_scheduler[0]).__name__}"]]:
+            names = [["train/lr"]]
+        return names, without_scheduler
 
 
 class LightningCLIHooks(LightningCLI):

@@ -558,6 +558,19 @@ def test_a_run_without_a_logger_keeps_its_checkpoints_and_writes_nothing_else(tm
     assert tested.returncode == 0 and "test/acc" in tested.stdout and "logged to" not in tested.stdout
 
 
+def test_a_run_without_a_schedule_logs_its_rate_as_train_lr(tmp_path: Path) -> None:
+    """No schedule and no warm-up (as seed_224.yaml): the constant rate is train/lr like every other run's,
+    not Lightning's lr-SGD."""
+    make_dataset(tmp_path / "data")
+    result = run(tmp_path, "fit", *TINY, "--trainer.max_epochs=1", "--trainer.enable_checkpointing=false",
+                 "--model.lr_scheduler=null", "--model.warmup_steps=0", "--trainer.log_every_n_steps=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    curves = scalars(tmp_path / "lightning_logs" / "mnist" / "version_0")
+    assert not [key for key in curves if key.startswith("lr-")], sorted(curves)
+    rates = [round(rate, 6) for _, rate in curves["train/lr"]]
+    assert len(rates) >= 3 and set(rates) == {0.1}, rates  # the recipe's lr, at every step (and epoch start)
+
+
 def test_a_run_without_checkpointing_writes_no_checkpoint(tmp_path: Path) -> None:
     """``--trainer.enable_checkpointing false`` trains without checkpoint files (Lightning refuses the flag
     beside the CLI's checkpoint callbacks); the TensorBoard run is still written."""

@@ -92,3 +92,27 @@ def test_lightning_still_says_val_check_interval_in_these_words(tmp_path) -> Non
         trainer.fit(BoringModel(), train_dataloaders=data, val_dataloaders=data)
     assert compat.is_setting_error(err.value)
     assert not compat.is_setting_error(ValueError("some other fault"))
+
+
+@pytest.mark.parametrize("scheduled", [False, True])
+def test_learning_rate_monitor_names_a_lone_optimizers_rate_train_lr(tmp_path, scheduled: bool) -> None:
+    """compat.LearningRateMonitor: an optimizer without a scheduler is logged as train/lr (Lightning: lr-SGD);
+    a scheduler's rate keeps Lightning's name."""
+    from lightning.pytorch.demos.boring_classes import BoringModel
+    from lightning.pytorch.loggers import CSVLogger
+
+    class Model(BoringModel):
+        def configure_optimizers(self):
+            optimizer = torch.optim.SGD(self.parameters(), lr=0.05)
+            return ([optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, 1)]) if scheduled else optimizer
+
+    monitor = compat.LearningRateMonitor()
+    trainer = L.Trainer(max_steps=3, logger=CSVLogger(tmp_path), callbacks=[monitor], log_every_n_steps=1,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(Model())
+    assert set(monitor.lrs) == ({"lr-SGD"} if scheduled else {"train/lr"})
+    rates = next(iter(monitor.lrs.values()))
+    assert rates and all(rate == 0.05 for rate in rates), monitor.lrs  # logged, not just named
+    if not scheduled:
+        assert len(rates) >= 3  # every step (a StepLR's once per epoch)
