@@ -269,6 +269,33 @@ def test_bad_values_stop_before_any_work(
     assert not (tmp_path / "lightning_logs").exists()  # nothing started
 
 
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--trainer.max_epochs=many"], """Parser key "trainer.max_epochs": expected int or null, got 'many'"""),
+        (["--trainer.limit_val_batches=x"], "expected int or float or null, got 'x'"),
+        (["--model.ema_decay=1.5"], "expected OpenUnitInterval or null, got '1.5' (Not of type OpenUnitInterval: "
+                                    "does not conform to restriction v>0 and v<1)"),
+        (["--trainer.precision=15"], "expected one of 64, 32, 16, 'transformer-engine'"),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_one_line(capsys: pytest.CaptureFixture, args: list[str], expected: str) -> None:
+    """jsonargparse reports a value that fits none of a Union's types in 7 or more lines; the CLI says it in one,
+    with the types it takes and the value given (and a reason beyond "not an int", such as a range)."""
+    with pytest.raises(SystemExit):
+        main(["fit", *TINY, *args])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("tip:") and expected in lines[1], lines
+
+
+def test_a_class_options_error_keeps_its_details(capsys: pytest.CaptureFixture) -> None:
+    """A wrong argument of the optimizer class is reported with jsonargparse's details (which class, which key)."""
+    with pytest.raises(SystemExit):
+        main(["fit", *TINY, "--model.optimizer.lr=abc"])
+    message = capsys.readouterr().err
+    assert 'Parser key "model.optimizer"' in message and 'Parser key "lr"' in message and "Given value: abc" in message
+
+
 def test_unreadable_checkpoint_is_named(tmp_path: Path) -> None:
     bad = tmp_path / "broken.ckpt"
     bad.write_bytes(b"not a checkpoint")
