@@ -23,7 +23,7 @@ import re
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import lightning.pytorch as L
 from jsonargparse import Namespace
@@ -103,8 +103,8 @@ class ShortErrorParser(LightningArgumentParser):
     def print_usage(self, file=None) -> None:
         pass
 
-    def error(self, message: str, ex: Exception | None = None):
-        return super().error(short_union_error(message), ex)
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        super().error(short_union_error(message), ex)
 
 
 class SENetCLI(LightningCLIHooks):

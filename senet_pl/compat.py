@@ -8,8 +8,8 @@ import warnings
 from typing import Any
 
 import lightning.pytorch as L
-from lightning.pytorch import callbacks
 from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch import callbacks
 from lightning.pytorch.cli import LightningCLI
 
 PATH = _PATH  # str | os.PathLike, Lightning's type for file arguments
