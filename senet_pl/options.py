@@ -1,15 +1,56 @@
-"""Option values that the CLI's types cannot refuse on their own, each refused in one line before any work."""
+"""The command line's errors: the parser's, shortened, and option values that the CLI's types cannot refuse on their
+own, each refused in one line before any work."""
 
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from lightning.pytorch.callbacks import Timer
+from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from senet_pl.model import MIN_IMAGE_SIZE
 from senet_pl.runs import CLIError
 
 MAX_SEED = 2**32 - 1  # numpy's limit, which seed_everything passes the seed to
+
+# jsonargparse's report on an option's value that fits none of a Union's types (int | None ...): 7 lines for "not an
+# int". A Union of classes (--model.optimizer) nests its reports in another message: not matched, kept as it is.
+PLAIN_UNION_ERROR = re.compile(
+    r"(?P<key>Parser key \"[^\"]+\"):\n\s+Does not validate against any of the Union subtypes\n"
+    r"\s+Subtypes: \[(?P<types>(?:(?:<class '[\w.]+'>|typing\.Literal\[[^\]]*\])(?:, )?)+)\]\n"
+    r"\s+Errors:\n(?P<errors>(?:\s+- .*\n)+)"
+    r"\s+Given value type: .*\n\s+Given value: (?P<value>.*)$")
+
+
+def short_union_error(message: str) -> str:
+    """A Union's error in one line: ``Parser key "trainer.max_epochs": expected int or null, got 'abc'``, with the
+    reasons that say more than "Expected a <class 'int'>" (a range ...) after it; any other message as it is."""
+    found = PLAIN_UNION_ERROR.search(message)
+    if found is None:
+        return message
+    types = re.findall(r"<class '([\w.]+)'>|typing\.Literal\[([^\]]*)\]", found["types"])
+    names = ["null" if name == "NoneType" else name.rsplit(".", 1)[-1] if name else values for name, values in types]
+    expected = f"one of {', '.join(names)}" if any(values for _, values in types) else " or ".join(names)
+    reasons = [line.strip()[2:] for line in found["errors"].splitlines()]
+    said = "; ".join(r for r in reasons if not re.fullmatch(r"Expected a (<class '[\w.]+'>|typing\.Literal\[.*\])", r))
+    return (f"{message[:found.start()]}{found['key']}: expected {expected}, got {found['value']!r}"
+            + (f" ({said})" if said else ""))
+
+
+class ShortErrorParser(LightningArgumentParser):
+    """Bad options get the error and a pointer to --help, not the usage line of every option (a page); a
+    shortened option name is an error, not the option it abbreviates (--model.dept 34 would set depth)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def print_usage(self, file=None) -> None:
+        pass
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        super().error(short_union_error(message), ex)
 
 
 def check_seed(seed: Any) -> None:
