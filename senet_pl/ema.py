@@ -4,17 +4,24 @@ kept safe for this project's checkpoints and commands.
 The module adds it in ``configure_callbacks`` (so it lives on the module's floor, not in ``callbacks/``), in
 every command: outside fit it does nothing, and there it keeps Lightning from warning that a checkpoint's
 EMA state has no callback.
-What Lightning's callback does, and this one keeps: after every optimizer step the average is updated;
+What Lightning's callback does, and this one keeps: after every optimizer step the average of the weights is updated;
 fit's validation swaps it in (so ``val/acc`` and the best checkpoint are the average's); every checkpoint
 holds the average as ``state_dict`` (what test, predict, analyze and export load) and the training weights
 as ``current_model_state``, with the average's step count in ``averaging_state``; resuming fit restores both,
 so a resumed run continues the average exactly.
+
+What it changes: batch norm's statistics (running mean and variance) are not averaged but measured for the averaged
+weights, on the first ``NORM_IMAGES`` training images, before each of fit's validations and at its end. Averaged
+statistics belong to the past training weights, not to their average: with the recipes' lr 0.1 the weights move
+so far within the average's horizon that the average normalized with them was near chance (val/acc 0.16 after
+10 epochs of full Fashion-MNIST, 0.999), and 0.934 with statistics measured for it (training weights: 0.913).
 """
 
 from typing import Any
 
 import lightning.pytorch as L
 from lightning.pytorch.callbacks import EMAWeightAveraging
+from torch.optim.swa_utils import update_bn
 
 
 # The average starts as a copy of the weights after the first optimizer step, with no warm-up: a run in which
@@ -22,6 +29,8 @@ from lightning.pytorch.callbacks import EMAWeightAveraging
 # run, 0.995 kept 0.5% and its val/acc still lagged the training weights' for the first five epochs (README:
 # "Regularization switches").
 EMA_INITIAL_SHARE = 0.05
+# Training images that batch norm's statistics of the average are measured on (2% of an epoch of Fashion-MNIST).
+NORM_IMAGES = 4096
 
 
 class EMA(EMAWeightAveraging):
@@ -36,18 +45,36 @@ class EMA(EMAWeightAveraging):
       a checkpoint callback), so that ``last.ckpt`` then holds the same as at any other moment.
     """
 
-    def __init__(self, decay: float = 0.999) -> None:
+    def __init__(self, decay: float = 0.999, measure_norms: bool = True) -> None:
         """
         Args:
             decay: the weight of the old average at each optimizer step (0.999: about the last 1000 steps).
+            measure_norms: measure batch norm's statistics for the average (the data module must have
+                ``first_training_images``); False: average the training weights' statistics, as Lightning does.
         """
-        super().__init__(decay=decay)
+        super().__init__(decay=decay, use_buffers=not measure_norms)
+        self.measure_norms = measure_norms
         self.swapped = False  # the average is in the module (a validation inside fit is running)
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == "fit":
             super().on_validation_epoch_start(trainer, pl_module)
             self.swapped = True
+            self.measure_norm_statistics(trainer, pl_module)  # the average's, swapped in; swapped out with it
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)  # the module becomes the average
+        self.measure_norm_statistics(trainer, pl_module)  # also after a last step that no validation followed
+
+    def measure_norm_statistics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Batch norm's running statistics of ``pl_module``'s weights, measured on the first NORM_IMAGES training
+        images (torch's ``update_bn``: a cumulative average over those batches, evaluation transform, no gradients)."""
+        data = trainer.datamodule
+        if not self.measure_norms or not hasattr(data, "first_training_images"):
+            return
+        batches = [data.on_after_batch_transfer(x.to(pl_module.device), 0) for x in data.first_training_images(NORM_IMAGES)]
+        with trainer.precision_plugin.forward_context():
+            update_bn(batches, pl_module)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._swap_back(trainer, pl_module)

@@ -179,7 +179,12 @@ class SEResNetClassifier(L.LightningModule):
         """The weight average (``ema.py``) when ema_decay is set. It acts in fit only, but is there in every command
         so that a checkpoint's EMA state is recognized (test, predict ... load its ``state_dict``: the average)."""
         decay = self.hparams.ema_decay
-        return [EMA(decay=decay)] if decay is not None else []
+        if decay is None:
+            return []
+        # Batch norm's statistics of the average are measured on training images that the data module lists;
+        # with other data (plain dataloaders) Lightning's average of the training weights' statistics is kept.
+        data = getattr(self.trainer, "datamodule", None)
+        return [EMA(decay=decay, measure_norms=hasattr(data, "first_training_images"))]
 
     def configure_optimizers(self):
         optimizer = self.optimizer(self.parameters())

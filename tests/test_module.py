@@ -197,6 +197,46 @@ def test_ema_weights_are_what_validation_checkpoints_and_test_use(data_root: Pat
     assert torch.equal(seen.tested[-1], average)
 
 
+@pytest.mark.slow
+def test_the_averages_batch_norm_statistics_are_measured_for_its_own_weights(data_root: Path, tmp_path: Path) -> None:
+    """With ema_decay, the average's batch-norm statistics are measured for the averaged weights on the training
+    images, not averaged from the training weights' (which belong to other weights): checked at the stem's batch
+    norm, whose running mean must be the mean of the averaged stem convolution's output over those images."""
+    torch.manual_seed(0)
+    module = SEResNetClassifier(optimizer=lambda p: torch.optim.SGD(p, lr=0.1), ema_decay=0.5)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", limit_train_batches=3, limit_val_batches=1,
+                        num_sanity_val_steps=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path, callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="end")])
+    dm = MNISTDataModule(data_dir=str(data_root), batch_size=8, val_size=16, download=False)
+    trainer.fit(module, datamodule=dm)
+    ckpt = torch.load(tmp_path / "ckpt" / "end.ckpt", weights_only=True)
+    average = {key.removeprefix("model."): value for key, value in ckpt["state_dict"].items()}
+    images = dm.transform_batch(dm.train_set.images, False)  # all 80 training images (10 batches of 8), as evaluated
+    stem = F.conv2d(images, average["conv1.weight"], padding=1)
+    torch.testing.assert_close(average["bn1.running_mean"], stem.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(ckpt["current_model_state"]["model.bn1.running_mean"], average["bn1.running_mean"])
+
+
+@pytest.mark.slow
+def test_the_average_with_plain_dataloaders_keeps_lightnings_averaged_statistics(tmp_path: Path) -> None:
+    """Without this project's data module there are no listed training images to measure on: the average's
+    batch-norm statistics are then Lightning's average of the training weights' (not the initial zeros)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from senet_pl.ema import EMA
+
+    torch.manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(16, 1, 28, 28) + 1, torch.randint(0, 10, (16,))), batch_size=8)
+    module = SEResNetClassifier(optimizer=lambda p: torch.optim.SGD(p, lr=0.1), ema_decay=0.5)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="end")])
+    trainer.fit(module, train_dataloaders=data, val_dataloaders=data)
+    assert [c.measure_norms for c in trainer.callbacks if isinstance(c, EMA)] == [False]
+    mean = torch.load(tmp_path / "ckpt" / "end.ckpt", weights_only=True)["state_dict"]["model.bn1.running_mean"]
+    assert mean.abs().sum() > 0
+
+
 def test_fused_sgd_momentum_survives_a_skipped_first_step() -> None:
     """The recipes' fused SGD under a gradient scaler whose first step overflows: the step is skipped and the
     next ones update the weights exactly as the plain (per-parameter) SGD does, not with uninitialized momentum."""

@@ -270,6 +270,12 @@ class MNISTDataModule(L.LightningDataModule):
         x, y, seed = batch
         return [self.transform_batch(x, training, dtype, seed), y]
 
+    def first_training_images(self, count: int) -> list[torch.Tensor]:
+        """The first ``count`` images of the training split (after setup("fit")) as uint8 batches of batch_size, in a
+        fixed order and the same on every process: what the weight average's batch-norm statistics are measured on
+        (``ema.py``; this module's ``on_after_batch_transfer`` gives them the evaluation transform)."""
+        return list(self.train_set.images[:count].split(self.hparams.batch_size))
+
     def example_batch(self) -> torch.Tensor:
         """One blank image as this data module delivers images before ``on_after_batch_transfer``: uint8 at the
         native size (the model summary's example input)."""
