@@ -30,6 +30,12 @@ def file_writer(experiment: Any) -> Any:
     return experiment._get_file_writer()
 
 
+def averaged_module(callback: callbacks.WeightAveraging) -> L.LightningModule | None:
+    """The module that holds a WeightAveraging callback's average (its AveragedModel's copy), None outside fit."""
+    average = callback._average_model
+    return average.module if average is not None else None
+
+
 class LearningRateMonitor(callbacks.LearningRateMonitor):
     """Lightning's monitor, with the rate of a lone optimizer without a scheduler (``seed_224.yaml``: no schedule,
     no warm-up) logged as ``train/lr``, the key of every scheduled run, instead of ``lr-SGD`` (Lightning names it

@@ -116,3 +116,24 @@ def test_learning_rate_monitor_names_a_lone_optimizers_rate_train_lr(tmp_path, s
     assert rates and all(rate == 0.05 for rate in rates), monitor.lrs  # logged, not just named
     if not scheduled:
         assert len(rates) >= 3  # every step (a StepLR's once per epoch)
+
+
+def test_averaged_module_is_the_average_of_a_weight_averaging_callback(tmp_path) -> None:
+    """compat.averaged_module: None before fit; in fit, the module that holds the average (not the trained one)."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    seen = []
+
+    class Look(L.Callback):
+        def on_train_end(self, trainer, pl_module) -> None:
+            seen.append(compat.averaged_module(average))
+
+    average = EMAWeightAveraging(decay=0.5)
+    assert compat.averaged_module(average) is None
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
+                        callbacks=[average, Look()])
+    model = BoringModel()
+    trainer.fit(model)
+    assert isinstance(seen[0], BoringModel) and seen[0] is not model

@@ -198,13 +198,17 @@ def test_ema_weights_are_what_validation_checkpoints_and_test_use(data_root: Pat
 
 
 @pytest.mark.slow
-def test_the_averages_batch_norm_statistics_are_measured_for_its_own_weights(data_root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("validated", [True, False])
+def test_the_averages_batch_norm_statistics_are_measured_for_its_own_weights(
+    data_root: Path, tmp_path: Path, validated: bool
+) -> None:
     """With ema_decay, the average's batch-norm statistics are measured for the averaged weights on the training
-    images, not averaged from the training weights' (which belong to other weights): checked at the stem's batch
-    norm, whose running mean must be the mean of the averaged stem convolution's output over those images."""
+    images, not averaged from the training weights' (which belong to other weights), also in a checkpoint written
+    with no validation before it: checked at the stem's batch norm, whose running mean must be the mean of the
+    averaged stem convolution's output over those images."""
     torch.manual_seed(0)
     module = SEResNetClassifier(optimizer=lambda p: torch.optim.SGD(p, lr=0.1), ema_decay=0.5)
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", limit_train_batches=3, limit_val_batches=1,
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", limit_train_batches=3, limit_val_batches=int(validated),
                         num_sanity_val_steps=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=tmp_path, callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="end")])
     dm = MNISTDataModule(data_dir=str(data_root), batch_size=8, val_size=16, download=False)
