@@ -542,3 +542,15 @@ def test_decompressed_files_get_the_mode_open_would_give(tmp_path: Path, umask: 
     for path in raw.iterdir():
         if not path.name.endswith(".gz"):
             assert stat.S_IMODE(path.stat().st_mode) == expected, path.name
+
+
+@pytest.mark.parametrize(("val_size", "sizes"), [(16, [8] * 10), (15, [8] * 9 + [9])])
+def test_first_training_images_never_end_with_a_batch_of_one(data_root: Path, val_size: int, sizes: list[int]) -> None:
+    """The weight average's batch-norm statistics are measured on these batches in training mode, which refuses a
+    single image at a 1x1 map (the imagenet stem at 32 px): a last batch of one joins the one before."""
+    dm = MNISTDataModule(data_dir=str(data_root), batch_size=8, val_size=val_size, download=False)
+    dm.setup("fit")
+    batches = dm.first_training_images(4096)
+    assert [len(b) for b in batches] == sizes  # 96 - val_size images, in order
+    assert torch.equal(torch.cat(batches), dm.train_set.images)
+    assert [len(b) for b in dm.first_training_images(17)] == [8, 9]

@@ -273,8 +273,12 @@ class MNISTDataModule(L.LightningDataModule):
     def first_training_images(self, count: int) -> list[torch.Tensor]:
         """The first ``count`` images of the training split (after setup("fit")) as uint8 batches of batch_size, in a
         fixed order and the same on every process: what the weight average's batch-norm statistics are measured on
-        (``ema.py``; this module's ``on_after_batch_transfer`` gives them the evaluation transform)."""
-        return list(self.train_set.images[:count].split(self.hparams.batch_size))
+        (``ema.py``; this module's ``on_after_batch_transfer`` gives them the evaluation transform). A last batch of
+        one image joins the one before: batch norm in training mode cannot take one image at a 1x1 map."""
+        batches = list(self.train_set.images[:count].split(self.hparams.batch_size))
+        if len(batches) > 1 and len(batches[-1]) == 1:
+            batches[-2:] = [torch.cat(batches[-2:])]
+        return batches
 
     def example_batch(self) -> torch.Tensor:
         """One blank image as this data module delivers images before ``on_after_batch_transfer``: uint8 at the
