@@ -13,10 +13,10 @@ so a resumed run continues the average exactly.
 What it changes: batch norm's statistics (running mean and variance) are not averaged but measured for the averaged
 weights, on the first ``NORM_IMAGES`` training images, before each of fit's validations, before a checkpoint is
 written at a step no validation measured, and at fit's end (between those, torch keeps the average's statistics
-equal to the training weights', which is all training needs of them). Averaged
-statistics belong to the past training weights, not to their average: with the recipes' lr 0.1 the weights move
-so far within the average's horizon that the average normalized with them was near chance (val/acc 0.16 after
-10 epochs of full Fashion-MNIST, 0.999), and 0.934 with statistics measured for it (training weights: 0.913).
+equal to the training weights', which is all training needs of them). Averaged statistics belong to the past
+training weights, not to their average: with the recipes' lr 0.1 the weights move so far within the average's
+horizon that the average normalized with them was near chance (val/acc 0.16 after 10 epochs of full
+Fashion-MNIST, 0.999), and 0.934 with statistics measured for it (training weights: 0.913).
 """
 
 from typing import Any

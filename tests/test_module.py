@@ -219,6 +219,27 @@ def test_the_averages_batch_norm_statistics_are_measured_for_its_own_weights(
     stem = F.conv2d(images, average["conv1.weight"], padding=1)
     torch.testing.assert_close(average["bn1.running_mean"], stem.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
     assert not torch.allclose(ckpt["current_model_state"]["model.bn1.running_mean"], average["bn1.running_mean"])
+    # after fit the module is the average, with its statistics measured at fit's end (on_train_end)
+    assert torch.equal(module.model.conv1.weight, average["conv1.weight"])
+    stem = F.conv2d(images, module.model.conv1.weight.detach(), padding=1)
+    torch.testing.assert_close(module.model.bn1.running_mean, stem.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_after_fit_with_no_validation_or_checkpoint_the_module_has_the_averages_measured_statistics(
+    data_root: Path, tmp_path: Path
+) -> None:
+    """Nothing measured the average during fit (no validation, no checkpoint): its statistics are measured at the
+    end, before Lightning copies it into the module, so the module is not left with the training weights'."""
+    torch.manual_seed(0)
+    module = SEResNetClassifier(optimizer=lambda p: torch.optim.SGD(p, lr=0.1), ema_decay=0.5)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", limit_train_batches=3, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
+    dm = MNISTDataModule(data_dir=str(data_root), batch_size=8, val_size=16, download=False)
+    trainer.fit(module, datamodule=dm)
+    stem = F.conv2d(dm.transform_batch(dm.train_set.images, False), module.model.conv1.weight.detach(), padding=1)
+    torch.testing.assert_close(module.model.bn1.running_mean, stem.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow
