@@ -39,7 +39,8 @@ def averaged_module(callback: callbacks.WeightAveraging) -> L.LightningModule | 
 class LearningRateMonitor(callbacks.LearningRateMonitor):
     """Lightning's monitor, with the rate of a lone optimizer without a scheduler (``seed_224.yaml``: no schedule,
     no warm-up) logged as ``train/lr``, the key of every scheduled run, instead of ``lr-SGD`` (Lightning names it
-    in ``_find_names_from_optimizers``). Scheduled rates keep the name their scheduler config gives."""
+    in ``_find_names_from_optimizers``), once per logged step. Scheduled rates keep the name their scheduler config
+    gives."""
 
     def _find_names_from_optimizers(self, optimizers: list[Any], seen_optimizers: list, seen_optimizer_types: Any):
         lone = len(optimizers) == 1 and not seen_optimizers  # before super(), which adds to seen_optimizers
@@ -47,6 +48,12 @@ class LearningRateMonitor(callbacks.LearningRateMonitor):
         if lone and names == [[f"lr-{type(without_scheduler[0]).__name__}"]]:
             names = [["train/lr"]]
         return names, without_scheduler
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        # Here Lightning logs the rates of epoch-interval schedules, and those of optimizers without a schedule,
+        # which it logs with the steps as well: a run without a schedule got two points at the step of each epoch's start.
+        if trainer.lr_scheduler_configs or self.logging_interval == "epoch":
+            super().on_train_epoch_start(trainer, *args, **kwargs)
 
 
 class LightningCLIHooks(LightningCLI):
