@@ -40,7 +40,7 @@ from senet_pl.checkpoints import AtomicCheckpointIO, CheckpointError, as_lightni
 from senet_pl.export import ExportError
 from senet_pl.compat import LearningRateMonitor, LightningCLIHooks, is_setting_error, quiet
 from senet_pl.data import DataError, MNISTDataModule
-from senet_pl.module import NonFiniteLossError, SEResNetClassifier
+from senet_pl.module import NonFiniteLossError, SEResNetClassifier, SettingError
 from senet_pl.options import ShortErrorParser, check_options, check_seed
 from senet_pl.precision import ALIASES, resolve_precision
 from senet_pl.resume import reconcile, training_conflicts, weight_mismatch
@@ -225,6 +225,7 @@ class SENetCLI(LightningCLIHooks):
             )
 
     def before_fit(self) -> None:
+        self.model.check_optimization()
         info = self.ckpt_info
         if info is None:
             return
@@ -299,7 +300,7 @@ def main(args: list[str] | None = None) -> None:
     try:
         SENetCLI(args=args)
         close_process_group()  # a DDP run's, which Lightning leaves open
-    except (CLIError, DataError, CheckpointError, ExportError, NonFiniteLossError, ScheduleError) as err:
+    except (CLIError, DataError, CheckpointError, ExportError, NonFiniteLossError, ScheduleError, SettingError) as err:
         sys.exit(f"error: {err}")
     except (MisconfigurationException, ValueError) as err:  # Lightning's own check of a value (limit_val_batches -1 ...)
         if isinstance(err, ValueError) and not is_setting_error(err):

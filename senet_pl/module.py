@@ -2,8 +2,8 @@
 
 import inspect
 import math
-from collections.abc import Iterable
-from typing import Literal
+from collections.abc import Callable, Iterable
+from typing import Literal, TypeVar
 
 import lightning.pytorch as L
 import torch
@@ -19,11 +19,31 @@ from torchmetrics.classification import MulticlassAccuracy
 from senet_pl.compat import estimated_steps
 from senet_pl.ema import EMA, EMA_INITIAL_SHARE
 from senet_pl.model import Depth, SEResNet, Stem
-from senet_pl.schedule import build_schedule, check_warmup, ramp, resize, warmup
+from senet_pl.schedule import ScheduleError, build_schedule, check_warmup, ramp, resize, warmup
+
+T = TypeVar("T")
 
 
 class NonFiniteLossError(ArithmeticError):
     """The training loss became NaN or infinite."""
+
+
+class SettingError(ValueError):
+    """An optimizer or learning-rate schedule setting that torch refuses, or that cannot train."""
+
+
+def built(option: str, build: Callable[[], T]) -> T:
+    """``build()``, with torch's refusal of a setting (``Invalid learning rate: -1.0``) as a SettingError that names
+    the option; the schedule's own errors (ScheduleError) pass as they are."""
+    try:
+        return build()
+    except ScheduleError:
+        raise
+    except ZeroDivisionError as err:  # torch checks few lengths: StepLR step_size 0 fails at its first step
+        raise SettingError(f"--model.{option}: a setting of 0 divides by zero ({err}): give its step sizes and lengths "
+                           "as at least 1.") from None
+    except (ValueError, TypeError) as err:
+        raise SettingError(f"--model.{option}: {err}") from None
 
 
 def start_momentum(optimizer: torch.optim.Optimizer) -> None:
@@ -187,12 +207,12 @@ class SEResNetClassifier(L.LightningModule):
         return [EMA(decay=decay, measure_norms=hasattr(data, "first_training_images"))]
 
     def configure_optimizers(self):
-        optimizer = self.optimizer(self.parameters())
+        optimizer = built("optimizer", lambda: self.optimizer(self.parameters()))
         start_momentum(optimizer)
         interval = self.hparams.lr_interval
         ramp_up = warmup(optimizer, self.hparams.warmup_steps)
         steps = self.schedule_steps() if self.lr_scheduler is not None else None
-        main, self.length_from_run = build_schedule(self.lr_scheduler, optimizer, steps)
+        main, self.length_from_run = built("lr_scheduler", lambda: build_schedule(self.lr_scheduler, optimizer, steps))
         check_warmup(main, self.hparams.warmup_steps)
         plateau = isinstance(main, ReduceLROnPlateau)
         if ramp_up is not None and main is not None and interval == "step" and not plateau:
@@ -206,6 +226,23 @@ class SEResNetClassifier(L.LightningModule):
             configs.append({"scheduler": main, "interval": "epoch" if plateau else interval, "name": name}
                            | ({"monitor": "val/loss"} if plateau else {}))
         return ([optimizer], configs) if configs else optimizer
+
+    def check_optimization(self) -> None:
+        """Build the optimizer and schedule as fit will and take the schedule's first step on them (the optimizer's
+        step moves nothing: no gradients), so that a setting torch refuses, one that fails at that step (StepLR
+        step_size 0) or a negative learning rate stops the run before any data is read; fit builds its own."""
+        configured = self.configure_optimizers()
+        optimizers, configs = configured if isinstance(configured, tuple) else ([configured], [])
+        start = [group["lr"] for group in optimizers[0].param_groups]
+        for config in configs:
+            if not isinstance(config["scheduler"], ReduceLROnPlateau):
+                optimizers[0].step()  # before the schedule's step, as in training (torch warns otherwise)
+                built("lr_scheduler", config["scheduler"].step)
+        lrs = [lr for lr in start + [group["lr"] for group in optimizers[0].param_groups] if lr < 0]
+        if lrs:
+            raise SettingError(f"the learning rate would be {lrs[0]:g} at the start of training: give "
+                               "--model.optimizer.init_args.lr and --model.lr_scheduler settings whose rates are not "
+                               "negative.")
 
     def schedule_steps(self) -> int | float | None:
         """How many times the schedule steps in this run (optimizer steps, or epochs with lr_interval "epoch");

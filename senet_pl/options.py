@@ -21,19 +21,57 @@ PLAIN_UNION_ERROR = re.compile(
     r"\s+Subtypes: \[(?P<types>(?:(?:<class '[\w.]+'>|typing\.Literal\[[^\]]*\])(?:, )?)+)\]\n"
     r"\s+Errors:\n(?P<errors>(?:\s+- .*\n)+)"
     r"\s+Given value type: .*\n\s+Given value: (?P<value>.*)$")
+# Its report on a value of one type, in 2 lines: the key, then "Expected a <class 'bool'>. Got value: maybe",
+# "Expected a typing.Literal[18, 34]. Got value: 19" or "Not of type PositiveInt: 0 does not conform to restriction v>0".
+PLAIN_ERROR = re.compile(
+    r"(?P<key>Parser key \"[^\"]+\"):\n\s+(?:Expected a (?P<type><class '[\w.]+'>|typing\.Literal\[[^\]]*\])\. "
+    r"Got value: (?P<value>.*)|(?P<restricted>Not of type \w+: (?P<given>.*) does not conform to restriction .*)"
+    r"|Not of type (?P<name>\w+): (?P<why>.*))$")
+TYPE = re.compile(r"<class '([\w.]+)'>|typing\.Literal\[([^\]]*)\]")
+RESTRICTED = re.compile(r"Not of type (\w+):.* does not conform to restriction (.+)")
+CONDITION, SPACED = re.compile(r"v\s*([<>=]+)\s*"), r"\1 "  # "v>0 and v<1" -> "> 0 and < 1"
 
 
-def short_union_error(message: str) -> str:
-    """A Union's error in one line: ``Parser key "trainer.max_epochs": expected int or null, got 'abc'``, with the
-    reasons that say more than "Expected a <class 'int'>" (a range ...) after it; any other message as it is."""
+def _expected(type_: str) -> str:
+    """A type as jsonargparse prints it, as a user reads it: ``int``, ``null``, ``one of 18, 34``."""
+    name, values = TYPE.fullmatch(type_).groups()
+    return f"one of {values}" if values else "null" if name == "NoneType" else name.rsplit(".", 1)[-1]
+
+
+def _restricted(reason: str) -> str | None:
+    """``Not of type PositiveInt: ... restriction v>0 and v<1`` as ``an int > 0 and < 1`` (None: another reason)."""
+    found = RESTRICTED.fullmatch(reason)
+    if found is None:
+        return None
+    kind = "an int" if found[1].endswith("Int") else "a number"
+    return f"{kind} {CONDITION.sub(SPACED, found[2])}"
+
+
+def short_error(message: str) -> str:
+    """jsonargparse's report on a plain option's value in one line: ``Parser key "trainer.max_epochs": expected int
+    or null, got 'abc'``; a range as ``expected an int > 0, got 0``; reasons that say more than "Expected a <class
+    'int'>" after it. Any other message (a class option's nested report ...) as it is."""
+    found = PLAIN_ERROR.search(message)
+    if found is not None:
+        head = f"{message[:found.start()]}{found['key']}: expected "
+        if found["name"]:  # not even of the restricted type's base type (2.5 for a PositiveInt)
+            return f"{head}{found['name']} ({found['why']})"
+        if found["restricted"]:
+            return f"{head}{_restricted(found['restricted'])}, got {found['given']!r}"
+        return f"{head}{_expected(found['type'])}, got {found['value']!r}"
     found = PLAIN_UNION_ERROR.search(message)
     if found is None:
         return message
-    types = re.findall(r"<class '([\w.]+)'>|typing\.Literal\[([^\]]*)\]", found["types"])
-    names = ["null" if name == "NoneType" else name.rsplit(".", 1)[-1] if name else values for name, values in types]
-    expected = f"one of {', '.join(names)}" if any(values for _, values in types) else " or ".join(names)
     reasons = [line.strip()[2:] for line in found["errors"].splitlines()]
-    said = "; ".join(r for r in reasons if not re.fullmatch(r"Expected a (<class '[\w.]+'>|typing\.Literal\[.*\])", r))
+    ranges = {m[1]: _restricted(m[0]) for m in map(RESTRICTED.fullmatch, reasons) if m}  # type name -> its range
+    values, others = [], []
+    for type_ in TYPE.finditer(found["types"]):
+        if type_[2]:
+            values.append(type_[2])
+        else:
+            others.append(ranges.get(type_[1].rsplit(".", 1)[-1]) or _expected(type_[0]))
+    expected = f"one of {', '.join(values + others)}" if values else " or ".join(others)
+    said = "; ".join(r for r in reasons if not RESTRICTED.fullmatch(r) and not re.fullmatch(f"Expected a (?:{TYPE.pattern})", r))
     return (f"{message[:found.start()]}{found['key']}: expected {expected}, got {found['value']!r}"
             + (f" ({said})" if said else ""))
 
@@ -50,7 +88,24 @@ class ShortErrorParser(LightningArgumentParser):
         pass
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        super().error(short_union_error(message), ex)
+        super().error(short_error(message), ex)
+
+
+# Trainer settings that Lightning takes without a check, each with the smallest value that works and what it means.
+# Below it Lightning would run and do something no one asks for: accumulate_grad_batches 0 divides by zero, -2
+# accumulates 2; check_val_every_n_epoch 0 divides by zero, -1 validates every epoch; a negative gradient_clip_val
+# turns the gradients around; num_sanity_val_steps -5 checks nothing; log_every_n_steps -1 logs every step.
+SMALLEST = {
+    "accumulate_grad_batches": (1, "give the number of batches whose gradients make one optimizer step (at least 1)"),
+    "check_val_every_n_epoch": (1, "give a number of epochs between validations (at least 1), or null to validate "
+                                   "every --trainer.val_check_interval training batches"),
+    "log_every_n_steps": (0, "give a number of steps between logged training metrics (at least 1; 0 logs none)"),
+    "num_sanity_val_steps": (-1, "give a number of validation batches to run before training (0 for none, -1 for all)"),
+    "gradient_clip_val": (0, "give the largest gradient norm (or value, with --trainer.gradient_clip_algorithm value) "
+                             "to allow, or 0 for no clipping"),
+    "min_epochs": (0, "give a number of epochs to train at least (0 for no minimum)"),
+    "min_steps": (0, "give a number of steps to train at least (0 for no minimum)"),
+}
 
 
 def check_seed(seed: Any) -> None:
@@ -87,6 +142,10 @@ def check_options(cfg: Any, subcommand: str | None, root: Path | None) -> None:
         if trainer.val_check_interval == 0:  # Lightning would divide by it after the first step
             raise CLIError(f"--trainer.val_check_interval {trainer.val_check_interval}: give a number of training "
                            "batches (at least 1) or a fraction of the epoch (0.5, 1.0).")
+        for option, (smallest, how) in SMALLEST.items():
+            value = trainer.get(option)
+            if value is not None and value < smallest:
+                raise CLIError(f"--trainer.{option} {value}: {how}.")
         if trainer.max_time is not None:
             try:
                 Timer(duration=trainer.max_time)

@@ -5,6 +5,7 @@ from typing import Any
 
 import lightning.pytorch as L
 import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from senet_pl.callbacks.excitation import ExcitationAnalysis
 from senet_pl.data import MNISTDataModule
@@ -29,8 +30,12 @@ class Trainer(L.Trainer):
             limit_test_batches: test batches: an int counts batches, a float (0.25, 1.0) is a fraction.
             limit_predict_batches: prediction batches: an int counts batches, a float (0.25, 1.0) is a fraction.
         """
-        super().__init__(*args, limit_train_batches=limit_train_batches, limit_val_batches=limit_val_batches,
-                         limit_test_batches=limit_test_batches, limit_predict_batches=limit_predict_batches, **kwargs)
+        try:
+            super().__init__(*args, limit_train_batches=limit_train_batches, limit_val_batches=limit_val_batches,
+                             limit_test_batches=limit_test_batches, limit_predict_batches=limit_predict_batches,
+                             **kwargs)
+        except (ValueError, TypeError, MisconfigurationException) as err:  # --trainer.devices x, strategy foo ...
+            raise CLIError(f"Trainer: {' '.join(str(err).split())}") from None
 
     # fit, validate, test and predict as Lightning's, with this project's --ckpt_path in --help (Lightning's
     # speaks of "hpc" and "registry") and without --weights_only: checkpoints are always read weights-only.

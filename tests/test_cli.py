@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import N_TEST, REPO, TINY, make_dataset, mixed_folder, run, scalars
+from conftest import N_TEST, REPO, TINY, cli, make_dataset, mixed_folder, run, scalars
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from senet_pl.cli import main
+from senet_pl.options import SMALLEST
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 RECIPES = [c for c in CONFIGS if c.name != "no_se.yaml"]  # no_se.yaml is an override
@@ -274,18 +275,29 @@ def test_bad_values_stop_before_any_work(
     [
         (["--trainer.max_epochs=many"], """Parser key "trainer.max_epochs": expected int or null, got 'many'"""),
         (["--trainer.limit_val_batches=x"], "expected int or float or null, got 'x'"),
-        (["--model.ema_decay=1.5"], "expected OpenUnitInterval or null, got '1.5' (Not of type OpenUnitInterval: "
-                                    "does not conform to restriction v>0 and v<1)"),
-        (["--trainer.precision=15"], "expected one of 64, 32, 16, "),  # Lightning's literals, then null
+        (["--model.ema_decay=1.5"], "expected a number > 0 and < 1 or null, got '1.5'"),  # a range, then null
+        (["--model.ema_decay=abc"], "expected OpenUnitInterval or null, got 'abc' (Not of type OpenUnitInterval: "
+                                    "could not convert string to float: 'abc')"),
+        # Lightning's literals in one list, then null
+        (["--trainer.precision=15"], "expected one of 64, 32, 16, 'transformer-engine', "),
+        # one type: jsonargparse's 2 lines
+        (["--data.batch_size=0"], """Parser key "data.batch_size": expected an int > 0, got '0'"""),
+        (["--data.num_workers=-1"], "expected an int >= 0, got '-1'"),
+        (["--model.label_smoothing=2"], "expected a number >= 0 and <= 1, got '2'"),
+        (["--model.depth=19"], """Parser key "model.depth": expected one of 18, 34, 50, 101, 152, got '19'"""),
+        (["--model.stem=foo"], "expected one of 'cifar', 'imagenet', got 'foo'"),
+        (["--model.se=maybe"], "expected bool, got 'maybe'"),
+        (["--data.image_size=2.5"], "expected PositiveInt (invalid literal for int() with base 10: '2.5')"),
     ],
 )
 def test_a_value_of_the_wrong_type_is_one_line(capsys: pytest.CaptureFixture, args: list[str], expected: str) -> None:
-    """jsonargparse reports a value that fits none of a Union's types in 7 or more lines; the CLI says it in one,
-    with the types it takes and the value given (and a reason beyond "not an int", such as a range)."""
+    """jsonargparse reports a value of the wrong type in 2 lines, or in 7 or more for a Union (int | None ...); the
+    CLI says it in one, with the types it takes and the value given (and a reason beyond "not an int")."""
     with pytest.raises(SystemExit):
         main(["fit", *TINY, *args])
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("tip:") and expected in lines[1], lines
+    assert lines[1].count("one of") <= 1, lines
     assert lines[1].endswith(f"got {args[0].split('=')[1]!r}") or "(" in lines[1], lines
 
 
@@ -402,6 +414,23 @@ def test_a_file_where_the_run_folders_go_is_one_line(tmp_path: Path) -> None:
         (["--model.lr_scheduler=OneCycleLR", "--model.lr_scheduler.max_lr=0.1"], "give --model.warmup_steps 0"),
         (["--model.lr_scheduler=CosineAnnealingWarmRestarts", "--model.lr_scheduler.T_0=2"],
          "CosineAnnealingWarmRestarts sets the learning rate outright"),
+        # Lightning's own checks when the Trainer is built, as one line (they were a page of traceback)
+        (["--trainer.devices=x"], "error: Trainer: `devices` selected with `CPUAccelerator` should be an int > 0."),
+        (["--trainer.devices=[1, 2]"], "error: Trainer: `devices` selected with `CPUAccelerator`"),
+        (["--trainer.strategy=foo"], "error: Trainer: You selected an invalid strategy name: `strategy='foo'`"),
+        (["--trainer.accelerator=foo"], "error: Trainer: You selected an invalid accelerator name: `accelerator='foo'`"),
+        (["--trainer.num_nodes=0"], "error: Trainer: `num_nodes` must be a positive integer, but got 0."),
+        # torch's checks of the optimizer's and schedule's settings, before any data is read
+        (["--model.optimizer.init_args.lr=-1"], "error: --model.optimizer: Invalid learning rate: -1.0"),
+        (["--model.optimizer.init_args.momentum=-0.5"], "error: --model.optimizer: Invalid momentum value: -0.5"),
+        (["--model.lr_scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau", "--model.lr_scheduler.factor=2"],
+         "error: --model.lr_scheduler: Factor should be < 1.0."),
+        # torch takes these and fails at the schedule's first step, or sets a negative rate
+        (["--model.lr_scheduler=StepLR", "--model.lr_scheduler.step_size=0"],
+         "error: --model.lr_scheduler: a setting of 0 divides by zero"),
+        (["--model.lr_scheduler.init_args.eta_min=-0.5"], "error: the learning rate would be -0.5 at the start"),
+        (["--model.lr_scheduler=OneCycleLR", "--model.lr_scheduler.max_lr=-1", "--model.warmup_steps=0"],
+         "error: the learning rate would be -"),
     ],
 )
 def test_runs_that_fail_before_their_first_step_leave_no_run_folder(
@@ -413,6 +442,26 @@ def test_runs_that_fail_before_their_first_step_leave_no_run_folder(
         main(["fit", *TINY, *args])
     assert expected in str(exit_.value.code) and "\n" not in str(exit_.value.code), exit_.value.code
     assert not list(tmp_path.glob("lightning_logs/*/version_*"))  # nothing for --ckpt_path last|best|auto to pick
+
+
+@pytest.mark.parametrize("option", sorted(SMALLEST))
+def test_a_trainer_setting_below_its_smallest_is_refused(data_root: Path, option: str) -> None:
+    """Lightning takes these without a check and divides by zero (accumulate_grad_batches 0), turns the gradients
+    around (gradient_clip_val -1) or quietly does something else; the CLI refuses them in one line."""
+    value = SMALLEST[option][0] - 1
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", *TINY, f"--trainer.{option}={value}"])
+    message = str(exit_.value.code)
+    assert message.startswith(f"error: --trainer.{option} {value}: give ") and "\n" not in message, message
+    assert not (data_root.parent / "lightning_logs").exists()
+
+
+def test_each_trainer_settings_smallest_value_trains(data_root: Path) -> None:
+    """The smallest values that SMALLEST lets through are Lightning's own meanings (0: no clipping, no logging,
+    no minimum; -1: every validation batch in the sanity check), and a run with all of them trains."""
+    smallest = [f"--trainer.{option}={value}" for option, (value, _) in SMALLEST.items()]
+    assert cli("fit", *TINY, "--trainer.max_epochs=1", *smallest) is None
+    assert (data_root.parent / "lightning_logs/mnist/version_0/checkpoints/last.ckpt").is_file()
 
 
 @pytest.mark.parametrize(("subcommand", "limit"), [("validate", "limit_val_batches 0"), ("test", "limit_test_batches 0.0"),
