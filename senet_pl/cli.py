@@ -41,7 +41,7 @@ from senet_pl.export import ExportError
 from senet_pl.compat import LearningRateMonitor, LightningCLIHooks, is_setting_error, quiet
 from senet_pl.data import DataError, MNISTDataModule
 from senet_pl.module import NonFiniteLossError, SEResNetClassifier, SettingError
-from senet_pl.options import ShortErrorParser, check_options, check_seed
+from senet_pl.options import ShortErrorParser, check_clipping, check_options, check_seed
 from senet_pl.precision import ALIASES, resolve_precision
 from senet_pl.resume import reconcile, training_conflicts, weight_mismatch
 from senet_pl.runs import CLIError, find_checkpoint, remove_new_folders
@@ -225,7 +225,7 @@ class SENetCLI(LightningCLIHooks):
             )
 
     def before_fit(self) -> None:
-        self.model.check_optimization()
+        check_clipping(self.trainer, self.model.check_optimization())
         info = self.ckpt_info
         if info is None:
             return

@@ -8,6 +8,7 @@ import warnings
 from typing import Any
 
 import lightning.pytorch as L
+from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import callbacks
 from lightning.pytorch.cli import LightningCLI
@@ -51,9 +52,20 @@ class LearningRateMonitor(callbacks.LearningRateMonitor):
 
     def on_train_epoch_start(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
         # Here Lightning logs the rates of epoch-interval schedules, and those of optimizers without a schedule,
-        # which it logs with the steps as well: a run without a schedule got two points at the step of each epoch's start.
-        if trainer.lr_scheduler_configs or self.logging_interval == "epoch":
+        # which it also logs at the epoch's first batch when that batch's step is logged: two points at one step.
+        if trainer.lr_scheduler_configs or self.logging_interval == "epoch" or not logs_this_step(trainer):
             super().on_train_epoch_start(trainer, *args, **kwargs)
+
+
+def clips_in_the_optimizer(optimizer: Any) -> bool:
+    """Whether ``optimizer`` unscales its gradients in its own step (a fused SGD or Adam): Lightning's mixed
+    precision cannot clip them before that step, and refuses at the first one."""
+    return _optimizer_handles_unscaling(optimizer)
+
+
+def logs_this_step(trainer: L.Trainer) -> bool:
+    """Whether the Trainer logs the training metrics of the current step (every log_every_n_steps)."""
+    return trainer._logger_connector.should_update_logs
 
 
 class LightningCLIHooks(LightningCLI):

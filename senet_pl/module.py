@@ -2,6 +2,7 @@
 
 import inspect
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Literal, TypeVar
 
@@ -39,11 +40,18 @@ def built(option: str, build: Callable[[], T]) -> T:
         return build()
     except ScheduleError:
         raise
-    except ZeroDivisionError as err:  # torch checks few lengths: StepLR step_size 0 fails at its first step
-        raise SettingError(f"--model.{option}: a setting of 0 divides by zero ({err}): give its step sizes and lengths "
-                           "as at least 1.") from None
+    except ZeroDivisionError as err:  # torch checks few settings: StepLR step_size 0 fails at its first step
+        raise SettingError(f"--model.{option}: one of its settings divides by zero ({err}): a step size, length or "
+                           "factor of 0?") from None
     except (ValueError, TypeError) as err:
         raise SettingError(f"--model.{option}: {err}") from None
+
+
+def check_rates(optimizer: torch.optim.Optimizer, where: str, then: str) -> None:
+    """Raise SettingError if a learning rate of ``optimizer`` is negative or NaN: "the learning rate is R WHERE: THEN"."""
+    bad = [float(group["lr"]) for group in optimizer.param_groups if not float(group["lr"]) >= 0]
+    if bad:
+        raise SettingError(f"the learning rate is {bad[0]:g} {where}: {then}")
 
 
 def start_momentum(optimizer: torch.optim.Optimizer) -> None:
@@ -185,6 +193,14 @@ class SEResNetClassifier(L.LightningModule):
             )
         return loss
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # A NaN rate (.nan in a YAML file), or a schedule that takes the rate below zero (OneCycleLR max_lr -1, late
+        # in a run StepLR gamma -1 or a negative eta_min): that step would climb the loss. Stopped before it.
+        step = self.global_step
+        check_rates(optimizer, f"at step {step}", ("training stopped before its first step" if step == 0 else
+                    "training stopped before that step (the checkpoints from before are intact)") + ": start a new run "
+                    "with --model.optimizer.init_args.lr and --model.lr_scheduler settings whose rates stay at or above 0.")
+
     def validation_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "val")
 
@@ -227,22 +243,19 @@ class SEResNetClassifier(L.LightningModule):
                            | ({"monitor": "val/loss"} if plateau else {}))
         return ([optimizer], configs) if configs else optimizer
 
-    def check_optimization(self) -> None:
-        """Build the optimizer and schedule as fit will and take the schedule's first step on them (the optimizer's
-        step moves nothing: no gradients), so that a setting torch refuses, one that fails at that step (StepLR
-        step_size 0) or a negative learning rate stops the run before any data is read; fit builds its own."""
+    def check_optimization(self) -> torch.optim.Optimizer:
+        """Build the optimizer and schedule as fit will and take the schedule's first step, so that a setting torch
+        refuses, or one that fails at that step (StepLR step_size 0), stops the run before any data is read. Returns
+        the optimizer (fit builds its own). The schedule's length is not known yet (the data decides it), nor so its
+        rates: they are checked at every step (``on_before_optimizer_step``)."""
         configured = self.configure_optimizers()
         optimizers, configs = configured if isinstance(configured, tuple) else ([configured], [])
-        start = [group["lr"] for group in optimizers[0].param_groups]
-        for config in configs:
-            if not isinstance(config["scheduler"], ReduceLROnPlateau):
-                optimizers[0].step()  # before the schedule's step, as in training (torch warns otherwise)
-                built("lr_scheduler", config["scheduler"].step)
-        lrs = [lr for lr in start + [group["lr"] for group in optimizers[0].param_groups] if lr < 0]
-        if lrs:
-            raise SettingError(f"the learning rate would be {lrs[0]:g} at the start of training: give "
-                               "--model.optimizer.init_args.lr and --model.lr_scheduler settings whose rates are not "
-                               "negative.")
+        with warnings.catch_warnings():  # a step of the schedule without one of the optimizer: this one moves nothing
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+            for config in configs:
+                if not isinstance(config["scheduler"], ReduceLROnPlateau):
+                    built("lr_scheduler", config["scheduler"].step)
+        return optimizers[0]
 
     def schedule_steps(self) -> int | float | None:
         """How many times the schedule steps in this run (optimizer steps, or epochs with lr_interval "epoch");

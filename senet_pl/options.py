@@ -7,8 +7,10 @@ from typing import Any, NoReturn
 
 from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.cli import LightningArgumentParser
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from senet_pl.compat import clips_in_the_optimizer
 from senet_pl.model import MIN_IMAGE_SIZE
 from senet_pl.runs import CLIError
 
@@ -51,9 +53,9 @@ def short_error(message: str) -> str:
     """jsonargparse's report on a plain option's value in one line: ``Parser key "trainer.max_epochs": expected int
     or null, got 'abc'``; a range as ``expected an int > 0, got 0``; reasons that say more than "Expected a <class
     'int'>" after it. Any other message (a class option's nested report ...) as it is."""
-    found = PLAIN_ERROR.search(message)
+    found = PLAIN_ERROR.fullmatch(message.strip())  # the whole message: not a class option's nested report
     if found is not None:
-        head = f"{message[:found.start()]}{found['key']}: expected "
+        head = f"{found['key']}: expected "
         if found["name"]:  # not even of the restricted type's base type (2.5 for a PositiveInt)
             return f"{head}{found['name']} ({found['why']})"
         if found["restricted"]:
@@ -144,7 +146,7 @@ def check_options(cfg: Any, subcommand: str | None, root: Path | None) -> None:
                            "batches (at least 1) or a fraction of the epoch (0.5, 1.0).")
         for option, (smallest, how) in SMALLEST.items():
             value = trainer.get(option)
-            if value is not None and value < smallest:
+            if value is not None and not value >= smallest:  # NaN too (.nan in a YAML file)
                 raise CLIError(f"--trainer.{option} {value}: {how}.")
         if trainer.max_time is not None:
             try:
@@ -158,3 +160,13 @@ def check_options(cfg: Any, subcommand: str | None, root: Path | None) -> None:
                 f"{folder} is a file, but the logger keeps its runs in that folder: move the file "
                 "away, or choose another --trainer.logger.init_args.save_dir (or .name)."
             )
+
+
+def check_clipping(trainer: Any, optimizer: Any) -> None:
+    """``--trainer.gradient_clip_val`` with a fused optimizer (the recipes' SGD) under mixed precision: Lightning
+    refuses it at the first training step, with a traceback; refused here, before any data is read."""
+    clip = trainer.gradient_clip_val
+    if clip and isinstance(trainer.precision_plugin, MixedPrecision) and clips_in_the_optimizer(optimizer):
+        raise CLIError(f"--trainer.gradient_clip_val {clip}: Lightning cannot clip the gradients of a fused optimizer "
+                       f"under mixed precision ({trainer.precision}): give --model.optimizer.init_args.fused false, or "
+                       "--trainer.precision 32-true.")

@@ -101,7 +101,14 @@ def build_schedule(
         return None, None
     name = length_argument(factory)
     if name is None:
-        return factory(optimizer), None
+        scheduler = factory(optimizer)
+        # OneCycleLR refuses a step past its length (a traceback mid-run); other schedules go on or cycle.
+        if isinstance(scheduler, OneCycleLR) and steps is not None and scheduler.total_steps < steps:
+            run = "has no end" if steps == float("inf") else f"takes {steps}"
+            raise ScheduleError(f"--model.lr_scheduler OneCycleLR is {scheduler.total_steps} steps long, but this run "
+                                f"{run}: leave out its total_steps (or epochs and steps_per_epoch), and it takes the "
+                                "run's length.")
+        return scheduler, None
     scheduler = factory(optimizer, **{name: run_length(name, steps)})
     return scheduler, scheduler
 

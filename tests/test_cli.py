@@ -13,6 +13,12 @@ from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from senet_pl.cli import main
 from senet_pl.options import SMALLEST
+from senet_pl.precision import resolve_precision
+
+def bf16_cpu() -> bool:
+    """Whether this CPU runs bf16-mixed (else the CLI falls back to 32-true)."""
+    return resolve_precision("bf16-mixed", "cpu", 1) == "bf16-mixed"
+
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 RECIPES = [c for c in CONFIGS if c.name != "no_se.yaml"]  # no_se.yaml is an override
@@ -301,12 +307,15 @@ def test_a_value_of_the_wrong_type_is_one_line(capsys: pytest.CaptureFixture, ar
     assert lines[1].endswith(f"got {args[0].split('=')[1]!r}") or "(" in lines[1], lines
 
 
-def test_a_class_options_error_keeps_its_details(capsys: pytest.CaptureFixture) -> None:
-    """A wrong argument of the optimizer class is reported with jsonargparse's details (which class, which key)."""
+@pytest.mark.parametrize(("key", "value"), [("lr", "abc"), ("nesterov", "maybe")])
+def test_a_class_options_error_keeps_its_details(capsys: pytest.CaptureFixture, key: str, value: str) -> None:
+    """A wrong argument of the optimizer class is reported with jsonargparse's details: the class option, the
+    class, the key and the value (the key's own report may be one line inside it)."""
     with pytest.raises(SystemExit):
-        main(["fit", *TINY, "--model.optimizer.lr=abc"])
+        main(["fit", *TINY, f"--model.optimizer.{key}={value}"])
     message = capsys.readouterr().err
-    assert 'Parser key "model.optimizer"' in message and 'Parser key "lr"' in message and "Given value: abc" in message
+    assert 'Parser key "model.optimizer"' in message and f'Parser key "{key}"' in message, message
+    assert "torch.optim.SGD" in message and value in message.split(f'Parser key "{key}"')[1], message
 
 
 def test_unreadable_checkpoint_is_named(tmp_path: Path) -> None:
@@ -427,10 +436,16 @@ def test_a_file_where_the_run_folders_go_is_one_line(tmp_path: Path) -> None:
          "error: --model.lr_scheduler: Factor should be < 1.0."),
         # torch takes these and fails at the schedule's first step, or sets a negative rate
         (["--model.lr_scheduler=StepLR", "--model.lr_scheduler.step_size=0"],
-         "error: --model.lr_scheduler: a setting of 0 divides by zero"),
-        (["--model.lr_scheduler.init_args.eta_min=-0.5"], "error: the learning rate would be -0.5 at the start"),
+         "error: --model.lr_scheduler: one of its settings divides by zero"),
         (["--model.lr_scheduler=OneCycleLR", "--model.lr_scheduler.max_lr=-1", "--model.warmup_steps=0"],
-         "error: the learning rate would be -"),
+         "error: the learning rate is -0.04 at step 0: training stopped before its first step"),  # max_lr / 25
+        # OneCycleLR refuses a step past its length: once the run's length is known, before the first step
+        (["--model.lr_scheduler=OneCycleLR", "--model.lr_scheduler.max_lr=0.1", "--model.lr_scheduler.total_steps=40",
+          "--model.warmup_steps=0"], "error: --model.lr_scheduler OneCycleLR is 40 steps long, but this run takes 45"),
+        # Lightning refuses to clip the gradients of a fused optimizer under mixed precision at the first step
+        pytest.param(["--trainer.gradient_clip_val=0.5"],
+                     "error: --trainer.gradient_clip_val 0.5: Lightning cannot clip the gradients of a fused optimizer",
+                     marks=pytest.mark.skipif(not bf16_cpu(), reason="this CPU runs 32-true, where clipping works")),
     ],
 )
 def test_runs_that_fail_before_their_first_step_leave_no_run_folder(
@@ -454,6 +469,48 @@ def test_a_trainer_setting_below_its_smallest_is_refused(data_root: Path, option
     message = str(exit_.value.code)
     assert message.startswith(f"error: --trainer.{option} {value}: give ") and "\n" not in message, message
     assert not (data_root.parent / "lightning_logs").exists()
+
+
+@pytest.mark.parametrize(("yaml", "expected"), [
+    ("trainer:\n  gradient_clip_val: .nan\n", "error: --trainer.gradient_clip_val nan: give the largest gradient"),
+    ("model:\n  optimizer:\n    class_path: torch.optim.SGD\n    init_args:\n      lr: .nan\n",
+     "error: the learning rate is nan at step 0: training stopped before its first step"),
+])
+def test_a_nan_setting_in_a_yaml_file_is_refused(data_root: Path, tmp_path: Path, yaml: str, expected: str) -> None:
+    """YAML's .nan passes every "less than" check; it is refused, not trained (a NaN rate ended in a NaN loss,
+    which blamed the rate's size)."""
+    (tmp_path / "nan.yaml").write_text(yaml)
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", *TINY, f"--config={tmp_path / 'nan.yaml'}"])
+    assert str(exit_.value.code).startswith(expected), exit_.value.code
+    assert not list(tmp_path.glob("lightning_logs/*/version_*"))
+
+
+@pytest.mark.parametrize("args", [
+    # a linear OneCycleLR of one step (the length the check had before the data was known) dips below 0
+    ["--model.lr_scheduler=OneCycleLR", "--model.lr_scheduler.max_lr=0.05", "--model.lr_scheduler.anneal_strategy=linear",
+     "--model.warmup_steps=0"],
+    # LBFGS's step needs a closure: the check steps only the schedule
+    ["--model.optimizer=LBFGS", "--model.optimizer.lr=0.1", "--model.warmup_steps=0", "--trainer.precision=32-true",
+     "--model.channels_last=false"],
+    # clipping an optimizer that is not fused, under the recipe's mixed precision
+    ["--trainer.gradient_clip_val=0.5", "--model.optimizer.init_args.fused=false"],
+])
+def test_settings_the_checks_must_let_through_train(data_root: Path, args: list[str]) -> None:
+    assert cli("fit", *TINY, "--trainer.max_epochs=1", *args) is None
+    assert (data_root.parent / "lightning_logs/mnist/version_0/checkpoints/last.ckpt").is_file()
+
+
+def test_a_rate_that_turns_negative_stops_before_that_step(data_root: Path) -> None:
+    """StepLR with gamma -1 takes the rate from 0.1 to -0.1 after 2 steps: the run stops before the optimizer step
+    that would use it (it would climb the loss), and what was written before stays."""
+    message = cli("fit", *TINY, "--trainer.max_epochs=1", "--model.warmup_steps=0", "--model.lr_scheduler=StepLR",
+                  "--model.lr_scheduler.step_size=2", "--model.lr_scheduler.gamma=-1",
+                  "--last_checkpoint.every_n_train_steps=1")
+    assert message is not None and message.startswith("error: the learning rate is -0.1 at step 2: training stopped "
+                                                       "before that step (the checkpoints from before are intact)"), message
+    last = torch.load(data_root.parent / "lightning_logs/mnist/version_0/checkpoints/last.ckpt", weights_only=True)
+    assert last["global_step"] == 2
 
 
 def test_each_trainer_settings_smallest_value_trains(data_root: Path) -> None:
@@ -635,17 +692,18 @@ def test_a_run_without_a_logger_keeps_its_checkpoints_and_writes_nothing_else(tm
     assert tested.returncode == 0 and "test/acc" in tested.stdout and "logged to" not in tested.stdout
 
 
-def test_a_run_without_a_schedule_logs_its_rate_as_train_lr(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("every", "steps"), [(1, [0, 1, 2, 3, 4, 5]), (2, [0, 1, 3, 5])])
+def test_a_run_without_a_schedule_logs_its_rate_as_train_lr(tmp_path: Path, every: int, steps: list[int]) -> None:
     """No schedule and no warm-up (as seed_224.yaml): the constant rate is train/lr like every other run's,
-    not Lightning's lr-SGD; logged once per logged step (Lightning's monitor logged it at each epoch's start too,
-    a second point at the same step)."""
+    not Lightning's lr-SGD; one point at each logged step (log_every_n_steps: 1 or 2, Lightning's steps 1, 3, 5)
+    and at each epoch's start (0, 3), never two at one step (Lightning's monitor logged both at step 3)."""
     make_dataset(tmp_path / "data")
     result = run(tmp_path, "fit", *TINY, "--trainer.max_epochs=2", "--trainer.enable_checkpointing=false",
-                 "--model.lr_scheduler=null", "--model.warmup_steps=0", "--trainer.log_every_n_steps=1")
+                 "--model.lr_scheduler=null", "--model.warmup_steps=0", f"--trainer.log_every_n_steps={every}")
     assert result.returncode == 0, result.stderr[-3000:]
     curves = scalars(tmp_path / "lightning_logs" / "mnist" / "version_0")
     assert not [key for key in curves if key.startswith("lr-")], sorted(curves)
-    assert [step for step, _ in curves["train/lr"]] == list(range(6)), curves["train/lr"]  # 2 epochs of 3 steps
+    assert [step for step, _ in curves["train/lr"]] == steps, curves["train/lr"]  # 2 epochs of 3 steps
     assert {round(rate, 6) for _, rate in curves["train/lr"]} == {0.1}  # the recipe's lr
 
 

@@ -118,6 +118,33 @@ def test_learning_rate_monitor_names_a_lone_optimizers_rate_train_lr(tmp_path, s
         assert len(rates) >= 3  # every step (a StepLR's once per epoch)
 
 
+def test_logs_this_step_follows_log_every_n_steps(tmp_path) -> None:
+    """compat.logs_this_step (Lightning's ``_logger_connector.should_update_logs``) is true at the batches whose
+    metrics the Trainer logs: with log_every_n_steps 2, those of steps 1, 3, 5 (Lightning counts from 1)."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    seen = []
+
+    class Look(L.Callback):
+        def on_train_batch_start(self, trainer, *args) -> None:
+            seen.append((trainer.global_step, compat.logs_this_step(trainer)))
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(6, 2)), batch_size=2)
+    trainer = L.Trainer(max_epochs=2, logger=CSVLogger(tmp_path), log_every_n_steps=2, callbacks=[Look()],
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
+    trainer.fit(Tiny(), data)
+    assert seen == [(step, step % 2 == 1) for step in range(6)], seen
+
+
+def test_clips_in_the_optimizer_names_fused_optimizers() -> None:
+    """compat.clips_in_the_optimizer (Lightning's ``_optimizer_handles_unscaling``): a fused SGD, as the recipes',
+    unscales in its step (Lightning's mixed precision then refuses clipping); a plain SGD does not."""
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert compat.clips_in_the_optimizer(torch.optim.SGD(params, lr=0.1, momentum=0.9, fused=True))
+    assert not compat.clips_in_the_optimizer(torch.optim.SGD(params, lr=0.1, momentum=0.9))
+
+
 def test_averaged_module_is_the_average_of_a_weight_averaging_callback(tmp_path) -> None:
     """compat.averaged_module: None before fit; in fit, the module that holds the average (not the trained one)."""
     from lightning.pytorch.callbacks import EMAWeightAveraging

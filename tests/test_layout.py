@@ -81,7 +81,8 @@ def test_the_model_floor_is_plain_pytorch(module: str) -> None:
     assert "lightning" not in source.replace("Lightning", "")
 
 
-PRIVATE = ["_parse_ckpt_path", "_run_subcommand", "_get_file_writer", "_PATH", "batch_progress", "epoch_loop"]
+PRIVATE = ["_parse_ckpt_path", "_run_subcommand", "_get_file_writer", "_PATH", "batch_progress", "epoch_loop",
+           "_logger_connector", "_optimizer_handles_unscaling"]
 
 
 def test_private_lightning_names_only_in_compat() -> None:
