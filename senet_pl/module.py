@@ -2,6 +2,7 @@
 
 import inspect
 import math
+import re
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Literal, TypeVar
@@ -20,7 +21,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from senet_pl.compat import estimated_steps
 from senet_pl.ema import EMA, EMA_INITIAL_SHARE
 from senet_pl.model import Depth, SEResNet, Stem
-from senet_pl.schedule import ScheduleError, build_schedule, check_warmup, ramp, resize, warmup
+from senet_pl.schedule import ScheduleError, build_schedule, check_warmup, plateau_settings, ramp, resize, warmup
 
 T = TypeVar("T")
 
@@ -230,7 +231,7 @@ class SEResNetClassifier(L.LightningModule):
         steps = self.schedule_steps() if self.lr_scheduler is not None else None
         main, self.length_from_run = built("lr_scheduler", lambda: build_schedule(self.lr_scheduler, optimizer, steps))
         check_warmup(main, self.hparams.warmup_steps)
-        plateau = isinstance(main, ReduceLROnPlateau)
+        plateau = plateau_settings(main, *self._validation_rhythm()) if isinstance(main, ReduceLROnPlateau) else None
         if ramp_up is not None and main is not None and interval == "step" and not plateau:
             # One schedule and one logged rate: the warm-up's and the schedule's factors multiply.
             ramp_up, main = None, ChainedScheduler([ramp_up, main], optimizer)
@@ -239,9 +240,16 @@ class SEResNetClassifier(L.LightningModule):
             configs.append({"scheduler": ramp_up, "interval": "step", "name": "train/lr"})
         if main is not None:
             name = "train/lr" if not configs else f"train/lr-{type(main).__name__}"
-            configs.append({"scheduler": main, "interval": "epoch" if plateau else interval, "name": name}
-                           | ({"monitor": "val/loss"} if plateau else {}))
+            configs.append({"scheduler": main, "interval": "epoch" if plateau else interval, "name": name} | (plateau or {}))
         return ([optimizer], configs) if configs else optimizer
+
+    def _validation_rhythm(self) -> tuple[int | None, bool]:
+        """(--trainer.check_val_every_n_epoch, whether fit validates at all); (1, True) without a trainer."""
+        try:
+            trainer = self.trainer
+        except RuntimeError:
+            return 1, True
+        return trainer.check_val_every_n_epoch, trainer.limit_val_batches != 0
 
     def check_optimization(self) -> torch.optim.Optimizer:
         """Build the optimizer and schedule as fit will and take the schedule's first step, so that a setting torch
@@ -251,7 +259,7 @@ class SEResNetClassifier(L.LightningModule):
         configured = self.configure_optimizers()
         optimizers, configs = configured if isinstance(configured, tuple) else ([configured], [])
         with warnings.catch_warnings():  # a step of the schedule without one of the optimizer: this one moves nothing
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
             for config in configs:
                 if not isinstance(config["scheduler"], ReduceLROnPlateau):
                     built("lr_scheduler", config["scheduler"].step)

@@ -31,6 +31,9 @@ PLAIN_ERROR = re.compile(
     r"|Not of type (?P<name>\w+): (?P<why>.*))$")
 TYPE = re.compile(r"<class '([\w.]+)'>|typing\.Literal\[([^\]]*)\]")
 RESTRICTED = re.compile(r"Not of type (\w+):.* does not conform to restriction (.+)")
+# A short class name (--model.lr_scheduler ReduceLROnPlateau) that two importable classes share: torch's and Lightning's.
+AMBIGUOUS = re.compile(r"Multiple subclasses with name (?P<name>\w+)\. Give the full class path to avoid ambiguity: "
+                       r"(?P<paths>[\w., ]+)\.")
 CONDITION, SPACED = re.compile(r"v\s*([<>=]+)\s*"), r"\1 "  # "v>0 and v<1" -> "> 0 and < 1"
 
 
@@ -52,7 +55,8 @@ def _restricted(reason: str) -> str | None:
 def short_error(message: str) -> str:
     """jsonargparse's report on a plain option's value in one line: ``Parser key "trainer.max_epochs": expected int
     or null, got 'abc'``; a range as ``expected an int > 0, got 0``; reasons that say more than "Expected a <class
-    'int'>" after it. Any other message (a class option's nested report ...) as it is."""
+    'int'>" after it; a short class name that two classes share as a choice between their paths. Any other message
+    (a class option's nested report ...) as it is."""
     found = PLAIN_ERROR.fullmatch(message.strip())  # the whole message: not a class option's nested report
     if found is not None:
         head = f"{found['key']}: expected "
@@ -62,6 +66,12 @@ def short_error(message: str) -> str:
             return f"{head}{_restricted(found['restricted'])}, got {found['given']!r}"
         return f"{head}{_expected(found['type'])}, got {found['value']!r}"
     found = PLAIN_UNION_ERROR.search(message)
+    ambiguous = AMBIGUOUS.search(message)
+    key = re.match(r"Parser key \"[^\"]+\"", message)
+    if ambiguous is not None and key is not None:
+        paths = ambiguous["paths"].split(", ")
+        return (f"{key[0]}: {ambiguous['name']} names {len(paths)} classes: give the full class path, "
+                f"{' or '.join(paths)}.")
     if found is None:
         return message
     reasons = [line.strip()[2:] for line in found["errors"].splitlines()]

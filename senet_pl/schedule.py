@@ -18,7 +18,8 @@ import math
 from collections.abc import Callable
 
 import torch
-from torch.optim.lr_scheduler import CosineAnnealingWarmRestarts, CyclicLR, LambdaLR, LinearLR, LRScheduler, OneCycleLR
+from torch.optim.lr_scheduler import (CosineAnnealingWarmRestarts, CyclicLR, LambdaLR, LinearLR, LRScheduler, OneCycleLR,
+                                      ReduceLROnPlateau, StepLR)
 
 # A length argument, and what is added to the run's number of scheduler steps to get its value.
 LENGTHS = {"T_max": -1, "total_iters": -1, "total_steps": 0}
@@ -26,6 +27,8 @@ WARMUP_START = 0.01  # the warm-up's first factor
 # Schedulers that compute the rate from scratch at every step instead of scaling the present one: chained after
 # the warm-up they would overwrite its factor.
 OUTRIGHT = (OneCycleLR, CyclicLR, CosineAnnealingWarmRestarts, LambdaLR)
+# What a ReduceLROnPlateau can watch: the metrics module.py logs once per epoch, each with the mode in which it improves.
+EPOCH_METRICS = {"val/loss": "min", "val/acc": "max", "train/acc": "max"}
 
 
 class ScheduleError(ValueError):
@@ -84,6 +87,31 @@ def check_warmup(scheduler: LRScheduler | None, warmup_steps: int) -> None:
         )
 
 
+def plateau_settings(scheduler: ReduceLROnPlateau, validate_every: int | None, validates: bool) -> dict[str, object]:
+    """Lightning's settings for ``scheduler``: the metric it watches (val/loss, or the ``monitor`` of Lightning's
+    subclass) and how often it steps: after each validation (every ``validate_every`` epochs, that of
+    --trainer.check_val_every_n_epoch; ``validates``: whether fit validates at all). Without them Lightning would stop
+    the run at the end of the first epoch that has no validation, with an error. Settings that cannot work raise
+    ScheduleError."""
+    monitor = getattr(scheduler, "monitor", None) or "val/loss"
+    head = f"--model.lr_scheduler {type(scheduler).__name__} watches {monitor!r}"
+    if monitor not in EPOCH_METRICS:
+        raise ScheduleError(f"{head}, which is not logged once per epoch: give --model.lr_scheduler.monitor one of "
+                            f"{', '.join(EPOCH_METRICS)}.")
+    if scheduler.mode != EPOCH_METRICS[monitor]:
+        better = "falls" if EPOCH_METRICS[monitor] == "min" else "rises"
+        raise ScheduleError(f"{head} in mode {scheduler.mode!r}, but {monitor} improves as it {better}: give "
+                            f"--model.lr_scheduler.mode {EPOCH_METRICS[monitor]}.")
+    if not monitor.startswith("val/"):
+        return {"monitor": monitor, "frequency": 1}
+    if not validates or validate_every is None:
+        why = "never validates (--trainer.limit_val_batches 0)" if not validates else \
+              "validates every --trainer.val_check_interval batches, not after each epoch"
+        raise ScheduleError(f"{head} after validations, but this run {why}: give --trainer.check_val_every_n_epoch "
+                            "and --trainer.limit_val_batches of at least 1, or another --model.lr_scheduler.")
+    return {"monitor": monitor, "frequency": validate_every}
+
+
 def ramp(step: int, warmup_steps: int) -> float:
     """The warm-up's factor at optimizer step ``step``."""
     return WARMUP_START + (1 - WARMUP_START) * min(step, warmup_steps) / warmup_steps if warmup_steps else 1.0
@@ -102,6 +130,10 @@ def build_schedule(
     name = length_argument(factory)
     if name is None:
         scheduler = factory(optimizer)
+        # torch takes a negative step_size and then decays at every step (0 fails at the first).
+        if isinstance(scheduler, StepLR) and not scheduler.step_size >= 1:
+            raise ScheduleError(f"--model.lr_scheduler StepLR step_size {scheduler.step_size}: give the number of "
+                                "scheduler steps between decays (at least 1).")
         # OneCycleLR refuses a step past its length (a traceback mid-run); other schedules go on or cycle.
         if isinstance(scheduler, OneCycleLR) and steps is not None and scheduler.total_steps < steps:
             run = "has no end" if steps == float("inf") else f"takes {steps}"

@@ -307,6 +307,15 @@ def test_a_value_of_the_wrong_type_is_one_line(capsys: pytest.CaptureFixture, ar
     assert lines[1].endswith(f"got {args[0].split('=')[1]!r}") or "(" in lines[1], lines
 
 
+def test_a_class_name_two_classes_share_is_a_choice_between_their_paths(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["fit", *TINY, "--model.lr_scheduler=ReduceLROnPlateau"])  # torch's and Lightning's
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[1:] == ['error: Parser key "model.lr_scheduler": ReduceLROnPlateau names 2 classes: give the full '
+                         'class path, torch.optim.lr_scheduler.ReduceLROnPlateau or '
+                         'lightning.pytorch.cli.ReduceLROnPlateau.'], lines
+
+
 @pytest.mark.parametrize(("key", "value"), [("lr", "abc"), ("nesterov", "maybe")])
 def test_a_class_options_error_keeps_its_details(capsys: pytest.CaptureFixture, key: str, value: str) -> None:
     """A wrong argument of the optimizer class is reported with jsonargparse's details: the class option, the
@@ -436,7 +445,14 @@ def test_a_file_where_the_run_folders_go_is_one_line(tmp_path: Path) -> None:
          "error: --model.lr_scheduler: Factor should be < 1.0."),
         # torch takes these and fails at the schedule's first step, or sets a negative rate
         (["--model.lr_scheduler=StepLR", "--model.lr_scheduler.step_size=0"],
-         "error: --model.lr_scheduler: one of its settings divides by zero"),
+         "error: --model.lr_scheduler StepLR step_size 0: give the number of scheduler steps between decays"),
+        (["--model.lr_scheduler=StepLR", "--model.lr_scheduler.step_size=-1"],  # torch: a decay at every step
+         "error: --model.lr_scheduler StepLR step_size -1: give the number of scheduler steps between decays"),
+        # a plateau schedule with nothing to watch would stop the run at the end of its first epoch
+        (["--model.lr_scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau", "--trainer.limit_val_batches=0"],
+         "error: --model.lr_scheduler ReduceLROnPlateau watches 'val/loss' after validations, but this run never"),
+        (["--model.lr_scheduler=lightning.pytorch.cli.ReduceLROnPlateau", "--model.lr_scheduler.monitor=val/acc"],
+         "error: --model.lr_scheduler ReduceLROnPlateau watches 'val/acc' in mode 'min'"),
         (["--model.lr_scheduler=OneCycleLR", "--model.lr_scheduler.max_lr=-1", "--model.warmup_steps=0"],
          "error: the learning rate is -0.04 at step 0: training stopped before its first step"),  # max_lr / 25
         # OneCycleLR refuses a step past its length: once the run's length is known, before the first step
@@ -596,7 +612,8 @@ def test_the_next_command_can_be_pasted_when_the_run_folder_has_a_space(data_roo
 
 def test_a_run_prints_no_message_a_user_cannot_act_on(trained: Path) -> None:
     printed = (trained / "fit.out").read_text() + (trained / "fit.err").read_text()
-    for noise in ("Tip:", "litlogger", "LeafSpec", "not supported by the model summary", "Loading `train_dataloader`"):
+    for noise in ("Tip:", "litlogger", "LeafSpec", "not supported by the model summary", "Loading `train_dataloader`",
+                  "Detected call of `lr_scheduler.step()`"):  # the check of the schedule before fit (its one step)
         assert noise not in printed, noise
     assert "GPU available" in printed  # Lightning's own lines are kept
     # a warning is one line: no file name and source line of the code that warned

@@ -1,5 +1,6 @@
 import functools
 import math
+import re
 from pathlib import Path
 
 import lightning.pytorch as L
@@ -8,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import synthetic_split
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import ReduceLROnPlateau
 
 from senet_pl.data import MNISTDataModule
 from senet_pl import schedule
@@ -23,8 +25,8 @@ class LearningRates(L.Callback):
 
 
 def _fit(module: SEResNetClassifier, data_root: Path, tmp_path: Path, callbacks: list, **limits) -> L.Trainer:
-    limits = {"max_epochs": 3, "limit_train_batches": 3} | limits
-    trainer = L.Trainer(accelerator="cpu", limit_val_batches=0, logger=False, enable_checkpointing=False,
+    limits = {"max_epochs": 3, "limit_train_batches": 3, "limit_val_batches": 0} | limits
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
                         default_root_dir=tmp_path, **limits)
     trainer.fit(module, datamodule=MNISTDataModule(data_dir=str(data_root), batch_size=8, val_size=16, download=False))
@@ -68,6 +70,41 @@ def test_a_schedule_with_its_own_length_and_per_epoch_stepping_keep_working(data
     _fit(module, data_root, tmp_path, [lrs])
     assert module.length_from_run.total_steps == 9
     assert lrs.seen[-1] == pytest.approx(0.1 / 25 / 1e4)  # its end value: initial_lr / final_div_factor
+
+
+@pytest.mark.parametrize(
+    ("factory", "monitor"),
+    [(functools.partial(torch.optim.lr_scheduler.ReduceLROnPlateau, patience=0), "val/loss"),
+     (functools.partial(ReduceLROnPlateau, monitor="val/acc", mode="max"), "val/acc")],  # Lightning's, with a monitor
+)
+def test_a_plateau_schedule_steps_after_each_validation(data_root: Path, tmp_path: Path, factory, monitor: str) -> None:
+    # Validation every 2nd epoch: Lightning would step the schedule after epoch 1 too, and stop the run there with
+    # "ReduceLROnPlateau conditioned on metric val/loss which is not available".
+    module = SEResNetClassifier(depth=18, optimizer=lambda p: torch.optim.SGD(p, lr=0.1), lr_scheduler=factory)
+    trainer = _fit(module, data_root, tmp_path, [], max_epochs=5, limit_train_batches=2, limit_val_batches=1,
+                   check_val_every_n_epoch=2)
+    config = trainer.lr_scheduler_configs[0]
+    assert config.monitor == monitor
+    assert config.scheduler.last_epoch == 2  # stepped after the validations of epochs 2 and 4 only
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "rhythm", "message"),
+    [(ReduceLROnPlateau(torch.optim.SGD([torch.zeros(1, requires_grad=True)]), monitor="val/accuracy"), (1, True),
+      "watches 'val/accuracy', which is not logged once per epoch"),
+     (ReduceLROnPlateau(torch.optim.SGD([torch.zeros(1, requires_grad=True)]), monitor="val/acc"), (1, True),
+      "in mode 'min', but val/acc improves as it rises: give --model.lr_scheduler.mode max"),
+     (torch.optim.lr_scheduler.ReduceLROnPlateau(torch.optim.SGD([torch.zeros(1, requires_grad=True)])), (1, False),
+      "this run never validates (--trainer.limit_val_batches 0)"),
+     (torch.optim.lr_scheduler.ReduceLROnPlateau(torch.optim.SGD([torch.zeros(1, requires_grad=True)])), (None, True),
+      "validates every --trainer.val_check_interval batches")],
+)
+def test_a_plateau_schedule_that_could_never_step_is_refused(scheduler, rhythm: tuple, message: str) -> None:
+    with pytest.raises(schedule.ScheduleError, match=re.escape(message)):
+        schedule.plateau_settings(scheduler, *rhythm)
+    # what it watches once per epoch without a validation: every epoch
+    train = ReduceLROnPlateau(torch.optim.SGD([torch.zeros(1, requires_grad=True)]), monitor="train/acc", mode="max")
+    assert schedule.plateau_settings(train, None, False) == {"monitor": "train/acc", "frequency": 1}
 
 
 def test_a_schedule_needing_a_length_refuses_a_run_without_an_end(data_root: Path, tmp_path: Path) -> None:
