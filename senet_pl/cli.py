@@ -151,9 +151,14 @@ class SENetCLI(LightningCLIHooks):
         if not subcommand:
             return
         cfg = self.config[subcommand]
+        if cfg.get("ckpt_path") == "auto" and subcommand != "fit":
+            raise CLIError(f"--ckpt_path auto resumes a run or starts one (fit only): {subcommand} takes best, last or "
+                           "a checkpoint's path.")
         if cfg.get("ckpt_path") in ("last", "best", "auto"):
             cfg.ckpt_path = find_checkpoint(self._logger_root(), cfg.ckpt_path, subcommand)
         if not cfg.ckpt_path:
+            if subcommand != "fit":  # Lightning would score the model's random initial weights, without a word
+                raise CLIError(f"{subcommand} needs a trained model: add --ckpt_path best, last or a checkpoint's path.")
             return
         info = read_checkpoint(cfg.ckpt_path, SEResNetClassifier, MNISTDataModule)
         if info.kind == "state_dict" and subcommand == "fit":

@@ -145,6 +145,9 @@ def check_options(cfg: Any, subcommand: str | None, root: Path | None) -> None:
     if subcommand == "fit":
         if trainer.max_epochs is not None and trainer.max_epochs < -1:
             raise CLIError(f"--trainer.max_epochs {trainer.max_epochs}: give a number of epochs (or -1 for no limit).")
+        if trainer.max_epochs is None and trainer.max_steps in (None, -1) and trainer.max_time is None:
+            raise CLIError("--trainer.max_epochs null sets no length (Lightning would train 1000 epochs): give a number "
+                           "of epochs, --trainer.max_steps or --trainer.max_time, or -1 for no limit.")
         if 0 in (trainer.max_epochs, trainer.max_steps):
             option = "max_epochs" if trainer.max_epochs == 0 else "max_steps"
             raise CLIError(f"--trainer.{option} 0 trains nothing: give at least 1 (or -1 for no limit).")

@@ -24,11 +24,9 @@ def find_checkpoint(root: Path | None, name: str, subcommand: str) -> str | None
             print("--ckpt_path auto: no run to resume, starting a new one", file=sys.stderr)
             return None
         where = f"under {root}/" if root else "(no TensorBoard or CSV logger is configured)"
-        raise CLIError(
-            f"--ckpt_path {name}: no run {where} has a checkpoints/last.ckpt. Give the path of a "
-            "checkpoint, leave --ckpt_path out to start a new run, or use --ckpt_path auto (fit only) to "
-            "resume if there is a run and start one otherwise."
-        )
+        fix = ("leave --ckpt_path out to start a new run, or use --ckpt_path auto to resume if there is a run and "
+               "start one otherwise." if subcommand == "fit" else "or train one first with fit.")
+        raise CLIError(f"--ckpt_path {name}: no run {where} has a checkpoints/last.ckpt. Give the path of a checkpoint, {fix}")
     path = runs[-1]
     if name == "best":  # the best-checkpoint callback's record, kept in every checkpoint
         last = load_checkpoint(path, mmap=True)

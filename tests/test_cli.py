@@ -160,9 +160,27 @@ def test_analyze_writes_the_excitation_figure_table_and_summary(trained: Path) -
     assert "excitation/per_class" in events.Tags()["images"]
 
 
+@pytest.mark.parametrize("subcommand", ["validate", "test", "predict", "analyze", "export"])
+def test_evaluating_needs_a_trained_model(data_root: Path, subcommand: str) -> None:
+    """Without --ckpt_path Lightning scores the model's random initial weights and reports them as the results."""
+    with pytest.raises(SystemExit) as exit_:
+        main([subcommand, *TINY])
+    assert str(exit_.value.code) == (f"error: {subcommand} needs a trained model: add --ckpt_path best, last or a "
+                                     "checkpoint's path.")
+    assert not (data_root.parent / "lightning_logs").exists()
+
+
+def test_ckpt_path_auto_is_for_fit_only(trained: Path) -> None:
+    """auto may start a new run; to evaluate, the model is named (best, last or a path)."""
+    before = sorted((trained / "lightning_logs/mnist").iterdir())
+    refused = run(trained, "test", *TINY, "--ckpt_path=auto")
+    assert refused.returncode == 1
+    assert refused.stderr.strip().endswith("error: --ckpt_path auto resumes a run or starts one (fit only): test takes "
+                                           "best, last or a checkpoint's path."), refused.stderr[-2000:]
+    assert sorted((trained / "lightning_logs/mnist").iterdir()) == before
+
+
 def test_analyze_needs_a_checkpoint_with_se(trained: Path, tmp_path: Path) -> None:
-    missing = run(trained, "analyze", *TINY)
-    assert missing.returncode == 1 and "analyze needs a trained model: add --ckpt_path" in missing.stderr
     # The CLI builds the model from the checkpoint's hyperparameters: a plain-ResNet checkpoint
     # is refused before its weights are read.
     ckpt = torch.load(trained / "lightning_logs/mnist/version_0/checkpoints/last.ckpt", weights_only=True)
@@ -416,6 +434,8 @@ def test_a_file_where_the_run_folders_go_is_one_line(tmp_path: Path) -> None:
         (["--trainer.max_epochs=0"], "--trainer.max_epochs 0 trains nothing"),
         (["--trainer.max_steps=0"], "--trainer.max_steps 0 trains nothing"),
         (["--trainer.max_epochs=-2"], "--trainer.max_epochs -2: give a number of epochs (or -1 for no limit)"),
+        # Lightning would quietly train 1000 epochs (and stretch the cosine over them)
+        (["--trainer.max_epochs=null"], "--trainer.max_epochs null sets no length (Lightning would train 1000 epochs)"),
         (["--trainer.max_time=banana"], "--trainer.max_time banana: write a duration as DD:HH:MM:SS"),
         (["--trainer.limit_val_batches=-1"], "invalid value -1 for limit_val_batches"),  # Lightning's check, one line
         (["--trainer.val_check_interval=-1"], "invalid value -1 for val_check_interval"),
