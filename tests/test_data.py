@@ -175,6 +175,20 @@ def test_erasing_ranges_must_be_min_max(data_root: Path) -> None:
         _module(data_root, erasing_scale=(0.3, 0.1))
 
 
+@pytest.mark.parametrize(("setting", "message"), [
+    ({"erasing_value": float("nan")}, "--data.erasing_value nan: give a finite value"),
+    ({"erasing_value": float("inf")}, "--data.erasing_value inf: give a finite value"),
+    ({"erasing_value": -float("inf")}, "--data.erasing_value -inf: give a finite value"),
+    ({"erasing_ratio": (float("inf"), float("inf"))}, r"--data.erasing_ratio \[inf, inf\]: give a finite range"),
+    ({"erasing_ratio": (0.3, float("inf"))}, r"--data.erasing_ratio \[0.3, inf\]: give a finite range"),
+])
+def test_erasing_settings_must_be_finite(data_root: Path, setting: dict, message: str) -> None:
+    """YAML's .nan and .inf: an infinite value made the loss non-finite at the first erased image (whose message
+    blamed the learning rate); an infinite aspect ratio never found a rectangle, so nothing was erased, silently."""
+    with pytest.raises(DataError, match=message):
+        _module(data_root, erasing=0.5, **setting)
+
+
 @pytest.mark.parametrize("size", [224, 64, 29, 16])
 def test_resize_bilinear_matches_interpolate(size: int) -> None:
     x = torch.rand(5, 1, 28, 28, generator=torch.Generator().manual_seed(size))

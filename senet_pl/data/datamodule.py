@@ -1,5 +1,6 @@
 """``MNISTDataModule``: MNIST, Fashion-MNIST or KMNIST from IDX files, kept in memory, batches transformed on the device."""
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -93,6 +94,11 @@ class MNISTDataModule(L.LightningDataModule):
         for name, (low, high) in (("erasing_scale", erasing_scale), ("erasing_ratio", erasing_ratio)):
             if low > high:
                 raise DataError(f"--data.{name} [{low}, {high}]: give the range as [min, max].")
+            if not math.isfinite(high):  # YAML's .inf: no rectangle of that shape fits, so nothing was ever erased
+                raise DataError(f"--data.{name} [{low}, {high}]: give a finite range [min, max].")
+        if not math.isfinite(erasing_value):  # YAML's .nan/.inf: the loss went non-finite at the first erased image
+            raise DataError(f"--data.erasing_value {erasing_value}: give a finite value (in normalized units; 0 is the "
+                            "dataset's mean pixel).")
         self.dataset_cls, mean, std = DATASETS[dataset]
         self.mean, self.std = mean, std
         self.num_classes, self.in_channels = self.data_shape(dataset)
