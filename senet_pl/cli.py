@@ -44,7 +44,7 @@ from senet_pl.module import NonFiniteLossError, SEResNetClassifier, SettingError
 from senet_pl.options import ShortErrorParser, check_clipping, check_options, check_seed
 from senet_pl.precision import ALIASES, resolve_precision
 from senet_pl.resume import reconcile, training_conflicts, weight_mismatch
-from senet_pl.runs import CLIError, find_checkpoint, remove_new_folders
+from senet_pl.runs import CLIError, FolderSnapshot, find_checkpoint, remove_new_folders
 from senet_pl.schedule import ScheduleError
 from senet_pl.trainer import Trainer, close_process_group
 from senet_pl.untrusted import CheckpointInfo, read_checkpoint
@@ -76,6 +76,7 @@ class SENetCLI(LightningCLIHooks):
         self.graceful_stop = graceful_stop or GracefulStop()
         self.ckpt_info: CheckpointInfo | None = None  # the checked --ckpt_path, once resolved
         self.conflicts: list[str] = []  # between it and the command line
+        self.evaluated_run: Path | None = None  # the trained run's folder that test/validate/... log into
         self.summary = RunSummary()
         callbacks = [PredictionWriter(), TensorBoardFigures(), self.graceful_stop, self.summary]
         kwargs.setdefault("trainer_defaults", {"callbacks": callbacks})
@@ -181,6 +182,7 @@ class SENetCLI(LightningCLIHooks):
             if ckpt.parent.name == "checkpoints" and ckpt.parent.parent.parent == root.resolve():
                 cfg.trainer.logger.init_args.version = ckpt.parent.parent.name
                 if subcommand != "fit":  # the run's config.yaml records its training; this command's goes beside it
+                    self.evaluated_run = ckpt.parent.parent
                     self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": f"config_{subcommand}.yaml"}
 
     def before_instantiate_classes(self) -> None:
@@ -264,12 +266,15 @@ class SENetCLI(LightningCLIHooks):
         version_N is left behind), and turn SIGTERM/Ctrl-C into a message built from what was written."""
         root = self._logger_root()
         before = set(root.iterdir()) if root is not None and root.is_dir() else set()
+        evaluated = FolderSnapshot(self.evaluated_run) if self.evaluated_run is not None else None
         try:
             super().run_subcommand(subcommand)
         except BaseException as err:
             start = self.graceful_stop.start_step  # None: training never started
             no_step = subcommand != "fit" or start is None or self.trainer.global_step == start  # only fit trains
             removed = remove_new_folders(root, before) if no_step and self.trainer.is_global_zero else []
+            if evaluated is not None and self.trainer.is_global_zero:  # the trained run's folder, as it was
+                evaluated.restore()
             if isinstance(err, (SIGTERMException, Interrupted)):
                 signum = self.graceful_stop.signal or getattr(err, "signum", signal.SIGTERM)
                 raise Stopped(self._stop_message(subcommand, removed, signum), signum) from None

@@ -55,3 +55,33 @@ def remove_new_folders(root: Path | None, before: set[Path]) -> list[Path]:
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed
+
+
+class FolderSnapshot:
+    """The top-level files of a trained run's folder, before ``test``/``validate``/``predict``/``analyze`` logs into
+    it: if the command fails, ``restore`` removes what it added (an events file of its own, a figure folder) and puts
+    back the small files it rewrote (``config_test.yaml``, ``hparams.yaml``). ``checkpoints/`` is never touched."""
+
+    LARGEST = 2**20  # bytes: configs, tables; events files are never rewritten (each command writes a new one)
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.names = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+        self.contents = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and not p.is_symlink()
+                         and p.stat().st_size <= self.LARGEST} if folder.is_dir() else {}
+
+    def restore(self) -> None:
+        if not self.folder.is_dir():
+            return
+        for path in self.folder.iterdir():
+            if path.name in self.names or path.name == "checkpoints":
+                continue
+            if path.is_dir() and not path.is_symlink():
+                if not any(path.rglob("*.ckpt")):
+                    shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        for name, content in self.contents.items():
+            path = self.folder / name
+            if path.is_file() and path.read_bytes() != content:
+                path.write_bytes(content)

@@ -224,11 +224,16 @@ def test_a_signal_stops_test_and_predict_and_says_nothing_was_written(
 ) -> None:
     make_dataset(tmp_path / "data")
     fit(*TINY, "--trainer.max_epochs=1")
+    run_dir = Path("lightning_logs/mnist/version_0")
+    (run_dir / f"config_{subcommand}.yaml").write_text("# an earlier, finished command's settings\n")
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
     code, stderr = _signalled(capsys, subcommand, signum, subcommand, *TINY, "--ckpt_path=last")
     assert code == status, stderr[-2000:]
     name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
     assert f"{name}: {subcommand} stopped before the end; it wrote no results" in stderr, stderr[-2000:]
     assert sorted(p.name for p in Path("lightning_logs/mnist").iterdir()) == ["version_0"]  # the test run left nothing
+    # ... in the trained run's folder either: no events file of its own, the earlier config_<command>.yaml kept
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
     assert not list(Path("lightning_logs").rglob("predictions.csv"))
 
 
