@@ -19,8 +19,10 @@ What it adds to LightningCLI:
   fails before its first training step leaves no run folder behind.
 """
 
+import re
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +45,7 @@ from senet_pl.data import DataError, MNISTDataModule
 from senet_pl.module import NonFiniteLossError, SEResNetClassifier, SettingError
 from senet_pl.options import ShortErrorParser, check_clipping, check_options, check_seed
 from senet_pl.precision import ALIASES, resolve_precision
-from senet_pl.resume import reconcile, training_conflicts, weight_mismatch
+from senet_pl.resume import reconcile, saved_checkpoint_folder, training_conflicts, weight_mismatch
 from senet_pl.runs import CLIError, FolderSnapshot, find_checkpoint, remove_new_folders
 from senet_pl.schedule import ScheduleError
 from senet_pl.trainer import Trainer, close_process_group
@@ -236,6 +238,11 @@ class SENetCLI(LightningCLIHooks):
         info = self.ckpt_info
         if info is None:
             return
+        for callback in self.trainer.checkpoint_callbacks:  # the best so far stays the best: saved where it was
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+                callback.dirpath = saved_checkpoint_folder(info, callback.state_key)
+                if callback.dirpath is not None:  # resuming into it: not a stranger's files
+                    warnings.filterwarnings("ignore", re.escape(f"Checkpoint directory {callback.dirpath} exists"))
         # Lightning restores the checkpoint's optimizer, schedule and position over the configured ones.
         configured = self.model.configure_optimizers()  # the same objects fit builds, on the model's parameters
         optimizers, schedulers = configured if isinstance(configured, tuple) else ([configured], [])

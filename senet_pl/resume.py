@@ -14,6 +14,7 @@
 
 import inspect
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -85,6 +86,23 @@ def reconcile(info: CheckpointInfo, cfg: Any, explicit: Any, subcommand: str,
 def _seed(cfg: Any) -> int | None:
     seed = cfg.get("seed_everything")
     return seed if type(seed) is int else None
+
+
+def saved_checkpoint_folder(info: CheckpointInfo, state_key: str) -> str | None:
+    """The folder a best-checkpoint callback (``state_key``) of the resumed run saved into, as it recorded it, if
+    that is the folder ``info``'s checkpoint is in. Lightning's ModelCheckpoint restores its best score and files
+    only when its folder is that string: a run resumed into a new version_N (CSVLogger) took the first validation
+    after the resume as the best, and a folder given by its real path (not the relative one recorded) did the same."""
+    callbacks = info.raw.get("callbacks")
+    state = callbacks.get(state_key) if isinstance(callbacks, dict) else None
+    saved = state.get("dirpath") if isinstance(state, dict) else None
+    if not isinstance(saved, str) or not saved:
+        return None
+    try:
+        same = Path(saved).resolve() == Path(info.path).resolve().parent
+    except (OSError, RuntimeError, ValueError):
+        return None
+    return saved if same else None
 
 
 def training_conflicts(info: CheckpointInfo, optimizers: list[torch.optim.Optimizer], schedulers: list,

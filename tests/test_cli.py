@@ -761,14 +761,20 @@ def test_a_csv_logger_run_resumes_by_name_and_keeps_its_metrics(tmp_path: Path) 
     because Lightning's CSV logger deletes the metrics.csv of a folder it logs into."""
     make_dataset(tmp_path / "data")
     csv_logger = [*TINY, "--trainer.logger=CSVLogger", "--trainer.logger.save_dir=csv"]
-    assert run(tmp_path, "fit", *csv_logger, "--trainer.max_epochs=1").returncode == 0
+    never_improves = ["--checkpoint.monitor=epoch", "--checkpoint.mode=min"]  # epoch 0 stays the best for ever
+    assert run(tmp_path, "fit", *csv_logger, *never_improves, "--trainer.max_epochs=1").returncode == 0
     first = tmp_path / "csv" / "mnist" / "version_0"
     metrics = (first / "metrics.csv").read_text()
     assert "val/acc" in metrics
-    resumed = run(tmp_path, "fit", *csv_logger, "--trainer.max_epochs=2", "--ckpt_path=last")
+    resumed = run(tmp_path, "fit", *csv_logger, *never_improves, "--trainer.max_epochs=2", "--ckpt_path=last")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"--ckpt_path last resolved to {first.relative_to(tmp_path)}/checkpoints/last.ckpt" in resumed.stderr
     assert "fit done: 2 epoch(s), step 6 (3 in this run)" in resumed.stdout
+    # The best of the whole run, not of the resumed piece: its checkpoints stay in the run's folder.
+    assert [p.name[:12] for p in tmp_path.rglob("best-*.ckpt")] == ["best-epoch00"]
+    assert torch.load(first / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 6
+    assert f"best checkpoint (epoch 0.0000): {first.relative_to(tmp_path)}/checkpoints/best-epoch00" in resumed.stdout
+    assert "metrics.csv" in {p.name for p in (tmp_path / "csv/mnist/version_1").iterdir()}  # the resumed piece's
     tested = run(tmp_path, "test", *csv_logger, "--ckpt_path=best")
     assert tested.returncode == 0 and "test/acc" in tested.stdout, tested.stderr[-2000:]
     assert (first / "metrics.csv").read_text() == metrics  # the first run's record is intact
