@@ -35,6 +35,13 @@ RESTRICTED = re.compile(r"Not of type (\w+):.* does not conform to restriction (
 AMBIGUOUS = re.compile(r"Multiple subclasses with name (?P<name>\w+)\. Give the full class path to avoid ambiguity: "
                        r"(?P<paths>[\w., ]+)\.")
 CONDITION, SPACED = re.compile(r"v\s*([<>=]+)\s*"), r"\1 "  # "v>0 and v<1" -> "> 0 and < 1"
+# jsonargparse's restricted types, named as a user reads them when the value is not even a number (2.5, abc)
+NAMED = {"PositiveInt": "an int > 0", "NonNegativeInt": "an int >= 0", "PositiveFloat": "a number > 0",
+         "NonNegativeFloat": "a number >= 0", "OpenUnitInterval": "a number > 0 and < 1",
+         "ClosedUnitInterval": "a number >= 0 and <= 1"}
+# ... and its reason then: Python's own words on the text it could not convert
+NOT_A_NUMBER = re.compile(r"(?:Not of type \w+: )?(?:invalid literal for int\(\) with base 10|could not convert "
+                          r"string to float): (?P<given>'.*')")
 
 
 def _expected(type_: str) -> str:
@@ -61,6 +68,9 @@ def short_error(message: str) -> str:
     if found is not None:
         head = f"{found['key']}: expected "
         if found["name"]:  # not even of the restricted type's base type (2.5 for a PositiveInt)
+            given = NOT_A_NUMBER.fullmatch(found["why"])
+            if found["name"] in NAMED and given is not None:
+                return f"{head}{NAMED[found['name']]}, got {given['given']}"
             return f"{head}{found['name']} ({found['why']})"
         if found["restricted"]:
             return f"{head}{_restricted(found['restricted'])}, got {found['given']!r}"
@@ -81,9 +91,11 @@ def short_error(message: str) -> str:
         if type_[2]:
             values.append(type_[2])
         else:
-            others.append(ranges.get(type_[1].rsplit(".", 1)[-1]) or _expected(type_[0]))
+            name = type_[1].rsplit(".", 1)[-1]
+            others.append(ranges.get(name) or NAMED.get(name) or _expected(type_[0]))
     expected = f"one of {', '.join(values + others)}" if values else " or ".join(others)
-    said = "; ".join(r for r in reasons if not RESTRICTED.fullmatch(r) and not re.fullmatch(f"Expected a (?:{TYPE.pattern})", r))
+    said = "; ".join(r for r in reasons if not RESTRICTED.fullmatch(r) and not NOT_A_NUMBER.fullmatch(r)
+                     and not re.fullmatch(f"Expected a (?:{TYPE.pattern})", r))
     return (f"{message[:found.start()]}{found['key']}: expected {expected}, got {found['value']!r}"
             + (f" ({said})" if said else ""))
 

@@ -71,3 +71,18 @@ def test_a_study_over_its_budget_stops_between_runs_with_every_model(tmp_path: P
         ("ResNet", 0), ("SE-ResNet r=4", 0), ("SE-ResNet r=8", 0), ("ResNet", 1)]
     assert (saved["planned_runs"], saved["completed_runs"]) == (9, 4) and saved["stopped"].startswith("budget: 4 of 9 runs")
     assert "Stopped by the budget: 4 of 9 runs" in table and "| SE-ResNet r=8 |" in table
+
+
+@pytest.mark.parametrize(("tool", "args", "expected"), [
+    ("study", ["--train_batches", "abc"], """error: Parser key "train_batches": expected an int > 0 or null, got 'abc'"""),
+    ("study", ["--epochs", "2.5"], """error: Parser key "epochs": expected an int > 0, got '2.5'"""),
+    ("study", ["--trian_batches", "3"], "error: unrecognized arguments: --trian_batches 3"),
+    ("bench", ["--steps", "abc"], """error: Parser key "steps": expected int, got 'abc'"""),
+])
+def test_a_tools_bad_option_is_one_line_and_a_pointer_to_help(tool: str, args: list[str], expected: str) -> None:
+    """As python -m senet_pl: not jsonargparse's usage page followed by its nested report of every type tried."""
+    result = subprocess.run([sys.executable, "-m", f"senet_pl.tools.{tool}", *args], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"tip: For details of accepted options run: python -m senet_pl.tools.{tool} --help", expected]

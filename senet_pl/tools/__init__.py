@@ -11,6 +11,10 @@ def run_as_cli(function: Callable[..., Any]) -> None:
     from jsonargparse import auto_cli
 
     from senet_pl.compat import quiet
+    from senet_pl.options import ShortErrorParser
 
     quiet()  # as python -m senet_pl: no Lightning message that a user cannot act on
-    auto_cli(function, args=sys.argv[1:])
+    # A bad option: one line and a pointer to --help, as python -m senet_pl (not the usage page and a nested report)
+    spec = getattr(sys.modules["__main__"], "__spec__", None)  # python -m senet_pl.tools.study: its module
+    prog = f"python -m {spec.name}" if spec is not None else None
+    auto_cli(function, args=sys.argv[1:], parser_class=ShortErrorParser, prog=prog)
