@@ -107,6 +107,9 @@ def is_setting_error(err: BaseException) -> bool:
 UNACTIONABLE_INFO = (
     "💡 Tip:",  # an advertisement for another logger
     "Loading `train_dataloader` to estimate number of stepping batches.",  # the schedule's length (schedule.py)
+    # "[rank: 0] Received SIGTERM: 15", also after a Ctrl-C (GracefulStop relays it as SIGTERM): the CLI's own
+    # message names the signal and says what was saved
+    "Received SIGTERM: ",
 )
 UNACTIONABLE_WARNINGS = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # inside Lightning's own _pytree, on torch 2.14
@@ -117,13 +120,14 @@ UNACTIONABLE_WARNINGS = (
 
 class _DropInfo(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(UNACTIONABLE_INFO)
+        return not any(message in str(record.msg) for message in UNACTIONABLE_INFO)
 
 
 def quiet() -> None:
     """Silence the Lightning messages above; every other message and warning is kept, a warning as one line (its
     category and text: the file and source line that Python adds by default tell a user nothing)."""
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                 "lightning.pytorch.trainer.connectors.signal_connector"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropInfo) for f in logger.filters):
             logger.addFilter(_DropInfo())
