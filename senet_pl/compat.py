@@ -50,6 +50,14 @@ class LearningRateMonitor(callbacks.LearningRateMonitor):
             names = [["train/lr"]]
         return names, without_scheduler
 
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        # With accumulate_grad_batches N the N batches of one optimizer step share its step number: Lightning logged
+        # the (same) rate at each of them. Once per step, at its first batch.
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        if step != getattr(self, "_logged_step", None):
+            super().on_train_batch_start(trainer, *args, **kwargs)
+            self._logged_step = step
+
     def on_train_epoch_start(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
         # Here Lightning logs the rates of epoch-interval schedules, and those of optimizers without a schedule,
         # which it also logs at the epoch's first batch when that batch's step is logged: two points at one step.

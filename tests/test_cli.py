@@ -744,6 +744,17 @@ def test_a_run_without_a_schedule_logs_its_rate_as_train_lr(tmp_path: Path, ever
     assert {round(rate, 6) for _, rate in curves["train/lr"]} == {0.1}  # the recipe's lr
 
 
+def test_train_lr_has_one_point_per_logged_optimizer_step_when_accumulating(tmp_path: Path) -> None:
+    """With accumulate_grad_batches 2 both batches of an optimizer step see the same logged step: Lightning's
+    monitor logged the rate at each of them, two points per step."""
+    make_dataset(tmp_path / "data")
+    result = run(tmp_path, "fit", *TINY, "--trainer.max_epochs=2", "--trainer.enable_checkpointing=false",
+                 "--trainer.accumulate_grad_batches=2", "--trainer.log_every_n_steps=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = [step for step, _ in scalars(tmp_path / "lightning_logs" / "mnist" / "version_0")["train/lr"]]
+    assert steps == sorted(set(steps)) and len(steps) >= 3, steps  # 2 epochs of 2 optimizer steps (3 batches each)
+
+
 def test_a_run_without_checkpointing_writes_no_checkpoint(tmp_path: Path) -> None:
     """``--trainer.enable_checkpointing false`` trains without checkpoint files (Lightning refuses the flag
     beside the CLI's checkpoint callbacks); the TensorBoard run is still written."""
