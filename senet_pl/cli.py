@@ -257,8 +257,12 @@ class SENetCLI(LightningCLIHooks):
     def after_fit(self) -> None:
         log_dir = self.trainer.log_dir  # on every process: under DDP it is a broadcast
         if self.trainer.is_global_zero:
-            latest = [c.saved for c in self.trainer.checkpoint_callbacks if isinstance(c, LatestCheckpoint) and c.saved]
-            print("\n".join(self.summary.fit_lines(self.trainer, log_dir, Path(latest[0][0]) if latest else None)))
+            keeps = [c for c in self.trainer.checkpoint_callbacks if isinstance(c, LatestCheckpoint)]
+            last = Path(keeps[0].saved[0]) if keeps and keeps[0].saved else None
+            info = self.ckpt_info
+            if keeps and last is None and info is not None and info.global_step == self.trainer.global_step:
+                last = Path(info.path)  # nothing trained after the resume: the checkpoint it resumed from is the last
+            print("\n".join(self.summary.fit_lines(self.trainer, log_dir, last)))
 
     def _after_evaluation(self) -> None:
         log_dir = self.trainer.log_dir

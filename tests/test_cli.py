@@ -641,6 +641,22 @@ def test_a_run_prints_no_message_a_user_cannot_act_on(trained: Path) -> None:
     assert "rank_zero_warn(" not in printed and "module.py:" not in printed
 
 
+def test_a_resume_with_nothing_left_to_train_says_so(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Resumed at its end: no step is trained; the summary says why, and still names last.ckpt (the checkpoint it
+    resumed from, unchanged) for the next command."""
+    make_dataset(tmp_path / "data")
+    main(["fit", *TINY, "--trainer.max_epochs=1"])
+    last = tmp_path / "lightning_logs/mnist/version_0/checkpoints/last.ckpt"
+    before = last.read_bytes()
+    capsys.readouterr()
+    main(["fit", *TINY, "--trainer.max_epochs=1", "--ckpt_path=last"])
+    out = capsys.readouterr().out
+    assert "fit done: 1 epoch(s), step 3 (0 in this run)" in out
+    assert "nothing left to train: the checkpoint had reached this run's end; give a larger --trainer.max_epochs" in out
+    assert "last checkpoint: lightning_logs/mnist/version_0/checkpoints/last.ckpt" in out, out
+    assert last.read_bytes() == before
+
+
 def test_the_model_summary_shows_shapes_and_flops(trained: Path) -> None:
     """The fit of ``trained`` prints Lightning's model summary (its example input goes through the data
     module's batch transform, as a batch would): with shapes and the FLOPs of one image, not "Total Flops 0"."""

@@ -47,6 +47,9 @@ class RunSummary(Callback):
         speed = f", {self.images / self.train_seconds:,.0f} training images/s" if self.train_seconds and self.images else ""
         lines = [f"fit done: {self.epochs(trainer)}, step {trainer.global_step} ({steps} in this run) "
                  f"in {self.seconds:.1f} s{speed}."]
+        if steps == 0 and trainer.global_step > 0:  # resumed at (or past) the end it was given
+            lines.append("nothing left to train: the checkpoint had reached this run's end; give a larger "
+                         "--trainer.max_epochs or --trainer.max_steps to train on.")
         best = next((c for c in trainer.checkpoint_callbacks if type(c) is ModelCheckpoint), None)
         if best is not None and best.best_model_path:
             score = f" ({best.monitor} {best.best_model_score:.4f})" if best.best_model_score is not None else ""
