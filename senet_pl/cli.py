@@ -135,7 +135,8 @@ class SENetCLI(LightningCLIHooks):
         logger = cfg.trainer.logger
         if cfg.model.se is False and isinstance(logger, Namespace) and logger.class_path.endswith(RUN_LOGGERS):
             name = logger.init_args.get("name") or ""
-            logger.init_args.name = name if "no_se" in name else f"{name}_no_se" if name else "no_se"
+            plain = name == "no_se" or name.endswith("_no_se")  # not casino_se: a name that merely contains it
+            logger.init_args.name = name if plain else f"{name}_no_se" if name else "no_se"
 
     def _logger_root(self) -> Path | None:
         """save_dir/name of the TensorBoard (or CSV) logger, where the runs' version_N folders are."""

@@ -134,6 +134,9 @@ class SEResNetClassifier(L.LightningModule):
                 those of its mirror image. Off by default (a mirrored digit is not the same digit).
         """
         super().__init__()
+        if label_smoothing >= 1:  # every target the uniform distribution: the loss no longer depends on the label
+            raise SettingError(f"--model.label_smoothing {label_smoothing}: the targets would all be uniform, with "
+                               "nothing left to learn; give a value below 1 (0.1 is usual, 0 for none).")
         # The optimizer and schedule are callables, not plain values: they are kept out of the
         # checkpoint's hyperparameters (the run's config.yaml records them).
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])

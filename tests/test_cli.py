@@ -378,7 +378,9 @@ def test_plain_runs_are_named_after_their_recipe(data_root: Path, recipe: str) -
     args = [*TINY, f"--config={REPO / 'configs' / f'{recipe}.yaml'}"]
     plain = SENetCLI(args=[*args, f"--config={REPO / 'configs/no_se.yaml'}"], run=False)
     assert plain.trainer.logger.name == f"{recipe}_no_se" and plain.model.hparams.se is False
-    assert SENetCLI(args=[*args, "--model.se=false", "--trainer.logger.init_args.name=mine"], run=False).trainer.logger.name == "mine_no_se"
+    for name, expected in (("mine", "mine_no_se"), ("casino_se", "casino_se_no_se"), ("mine_no_se", "mine_no_se")):
+        named = SENetCLI(args=[*args, "--model.se=false", f"--trainer.logger.init_args.name={name}"], run=False)
+        assert named.trainer.logger.name == expected
     assert SENetCLI(args=args, run=False).trainer.logger.name == recipe
 
 
@@ -441,6 +443,7 @@ def test_a_file_where_the_run_folders_go_is_one_line(tmp_path: Path) -> None:
         (["--trainer.val_check_interval=-1"], "invalid value -1 for val_check_interval"),
         (["--trainer.val_check_interval=5"], "`val_check_interval` (5) must be less than or equal to the number of the"),
         (["--model.lr_scheduler.init_args.T_max=0"], "CosineAnnealingLR T_max 0: give a positive number"),
+        (["--model.label_smoothing=1"], "--model.label_smoothing 1.0: the targets would all be uniform"),
         (["--ckpt_path=broken.ckpt"], "cannot read checkpoint broken.ckpt"),
         (["--seed_everything=-1"], "--seed_everything -1 is out of range: use a seed from 0 to 4294967295"),
         (["--seed_everything=4294967296"], "--seed_everything 4294967296 is out of range"),
