@@ -100,9 +100,10 @@ def short_error(message: str) -> str:
             + (f" ({said})" if said else ""))
 
 
-class ShortErrorParser(LightningArgumentParser):
-    """Bad options get the error and a pointer to --help, not the usage line of every option (a page); a
-    shortened option name is an error, not the option it abbreviates (--model.dept 34 would set depth)."""
+class ShortErrors:
+    """For a jsonargparse parser: bad options get the error and a pointer to --help, not the usage line of every
+    option (a page); a shortened option name is an error, not the option it abbreviates (--model.dept 34 would set
+    depth)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
@@ -113,6 +114,10 @@ class ShortErrorParser(LightningArgumentParser):
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         super().error(short_error(message), ex)
+
+
+class ShortErrorParser(ShortErrors, LightningArgumentParser):
+    """LightningCLI's parser with short errors."""
 
 
 # Trainer settings that Lightning takes without a check, each with the smallest value that works and what it means.

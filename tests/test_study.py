@@ -86,3 +86,11 @@ def test_a_tools_bad_option_is_one_line_and_a_pointer_to_help(tool: str, args: l
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         f"tip: For details of accepted options run: python -m senet_pl.tools.{tool} --help", expected]
+
+
+def test_a_tools_help_is_its_own() -> None:
+    """Its name as typed and its docstring, not the Lightning CLI's description."""
+    result = subprocess.run([sys.executable, "-m", "senet_pl.tools.study", "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("usage: python -m senet_pl.tools.study ")
+    assert "Train ResNet and SE-ResNets" in result.stdout and "Lightning" not in result.stdout

@@ -8,13 +8,16 @@ from typing import Any
 
 def run_as_cli(function: Callable[..., Any]) -> None:
     """Run ``function`` as a command line: its typed, documented arguments become the options (jsonargparse)."""
-    from jsonargparse import auto_cli
+    from jsonargparse import ArgumentParser, auto_cli
 
     from senet_pl.compat import quiet
-    from senet_pl.options import ShortErrorParser
+    from senet_pl.options import ShortErrors
+
+    class ToolParser(ShortErrors, ArgumentParser):
+        pass
 
     quiet()  # as python -m senet_pl: no Lightning message that a user cannot act on
     # A bad option: one line and a pointer to --help, as python -m senet_pl (not the usage page and a nested report)
     spec = getattr(sys.modules["__main__"], "__spec__", None)  # python -m senet_pl.tools.study: its module
     prog = f"python -m {spec.name}" if spec is not None else None
-    auto_cli(function, args=sys.argv[1:], parser_class=ShortErrorParser, prog=prog)
+    auto_cli(function, args=sys.argv[1:], parser_class=ToolParser, prog=prog)
