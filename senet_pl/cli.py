@@ -19,10 +19,8 @@ What it adds to LightningCLI:
   fails before its first training step leaves no run folder behind.
 """
 
-import re
 import signal
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +42,8 @@ from senet_pl.compat import LearningRateMonitor, LightningCLIHooks, is_setting_e
 from senet_pl.data import DataError, MNISTDataModule
 from senet_pl.module import NonFiniteLossError, SEResNetClassifier, SettingError
 from senet_pl.options import ShortErrorParser, check_clipping, check_options, check_seed
-from senet_pl.precision import ALIASES, resolve_precision
-from senet_pl.resume import reconcile, saved_checkpoint_folder, training_conflicts, weight_mismatch
+from senet_pl.precision import ALIASES, fallback_message, resolve_precision
+from senet_pl.resume import keep_checkpoint_folders, reconcile, training_conflicts, weight_mismatch
 from senet_pl.runs import CLIError, FolderSnapshot, find_checkpoint, remove_new_folders
 from senet_pl.schedule import ScheduleError
 from senet_pl.trainer import Trainer, close_process_group
@@ -166,11 +164,9 @@ class SENetCLI(LightningCLIHooks):
             return
         info = read_checkpoint(cfg.ckpt_path, SEResNetClassifier, MNISTDataModule)
         if info.kind == "state_dict" and subcommand == "fit":
-            raise CLIError(
-                f"{cfg.ckpt_path} holds only weights (a plain state dict): fit resumes this project's checkpoints, "
-                "which also hold the optimizer and the position in the run. test, validate, predict and analyze "
-                "accept it, with the architecture from the config."
-            )
+            raise CLIError(f"{cfg.ckpt_path} holds only weights (a plain state dict): fit resumes this project's "
+                           "checkpoints, which also hold the optimizer and the position in the run. test, validate, "
+                           "predict and analyze accept it, with the architecture from the config.")
         # Reported once the model exists, together with the optimizer's and schedule's (before_fit).
         self.conflicts = reconcile(info, cfg, self.explicit.get(subcommand), subcommand, MNISTDataModule.data_shape)
         self.ckpt_info = info
@@ -197,9 +193,7 @@ class SENetCLI(LightningCLIHooks):
         asked = ALIASES.get(str(cfg.trainer.precision), cfg.trainer.precision)
         cfg.trainer.precision = resolve_precision(asked, cfg.trainer.accelerator, cfg.trainer.devices)
         if cfg.trainer.precision != asked:
-            why = {"16-mixed": "this GPU has no native bf16", "32-true": "this CPU has no bf16 (AVX512-BF16 or AMX)",
-                   "bf16-mixed": "Lightning runs 16-mixed on a CPU as bf16"}.get(str(cfg.trainer.precision), "this hardware")
-            say(f"precision: {asked} asked, but {why}: using {cfg.trainer.precision} (set --trainer.precision to choose).")
+            say(fallback_message(asked, cfg.trainer.precision))
 
     def after_instantiate_classes(self) -> None:
         if self.trainer is not None and type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:
@@ -239,11 +233,7 @@ class SENetCLI(LightningCLIHooks):
         info = self.ckpt_info
         if info is None:
             return
-        for callback in self.trainer.checkpoint_callbacks:  # the best so far stays the best: saved where it was
-            if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
-                callback.dirpath = saved_checkpoint_folder(info, callback.state_key)
-                if callback.dirpath is not None:  # resuming into it: not a stranger's files
-                    warnings.filterwarnings("ignore", re.escape(f"Checkpoint directory {callback.dirpath} exists"))
+        keep_checkpoint_folders([c for c in self.trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)], info)
         # Lightning restores the checkpoint's optimizer, schedule and position over the configured ones.
         configured = self.model.configure_optimizers()  # the same objects fit builds, on the model's parameters
         optimizers, schedulers = configured if isinstance(configured, tuple) else ([configured], [])
@@ -258,11 +248,10 @@ class SENetCLI(LightningCLIHooks):
     def after_fit(self) -> None:
         log_dir = self.trainer.log_dir  # on every process: under DDP it is a broadcast
         if self.trainer.is_global_zero:
-            keeps = [c for c in self.trainer.checkpoint_callbacks if isinstance(c, LatestCheckpoint)]
-            last = Path(keeps[0].saved[0]) if keeps and keeps[0].saved else None
-            info = self.ckpt_info
-            if keeps and last is None and info is not None and info.global_step == self.trainer.global_step:
-                last = Path(info.path)  # nothing trained after the resume: the checkpoint it resumed from is the last
+            keeps = [c.saved for c in self.trainer.checkpoint_callbacks if isinstance(c, LatestCheckpoint)]
+            last = Path(keeps[0][0]) if keeps and keeps[0] else None
+            if keeps and last is None and self.ckpt_info and self.ckpt_info.global_step == self.trainer.global_step:
+                last = Path(self.ckpt_info.path)  # nothing trained after the resume: the checkpoint it resumed from
             print("\n".join(self.summary.fit_lines(self.trainer, log_dir, last)))
 
     def _after_evaluation(self) -> None:

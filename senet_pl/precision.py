@@ -94,3 +94,10 @@ def resolve_precision(precision: str | int | None, accelerator: object = "auto",
                       f"bf16-mixed in a measured run); --trainer.precision {'bf16-mixed' if native else '32-true'} "
                       "is faster here.", stacklevel=2)
     return precision
+
+
+def fallback_message(asked: object, chosen: object) -> str:
+    """The one line that says the CLI runs another precision than the one asked (``resolve_precision``'s choice)."""
+    why = {"16-mixed": "this GPU has no native bf16", "32-true": "this CPU has no bf16 (AVX512-BF16 or AMX)",
+           "bf16-mixed": "Lightning runs 16-mixed on a CPU as bf16"}.get(str(chosen), "this hardware")
+    return f"precision: {asked} asked, but {why}: using {chosen} (set --trainer.precision to choose)."

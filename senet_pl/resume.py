@@ -13,6 +13,8 @@
 """
 
 import inspect
+import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -86,6 +88,16 @@ def reconcile(info: CheckpointInfo, cfg: Any, explicit: Any, subcommand: str,
 def _seed(cfg: Any) -> int | None:
     seed = cfg.get("seed_everything")
     return seed if type(seed) is int else None
+
+
+def keep_checkpoint_folders(best_checkpoints: list, info: CheckpointInfo) -> None:
+    """Resuming ``info``: each ModelCheckpoint without a folder of its own saves into the one it saved into before,
+    named as it recorded it, so that the best so far stays the best (``saved_checkpoint_folder``)."""
+    for callback in best_checkpoints:
+        if callback.dirpath is None:
+            callback.dirpath = saved_checkpoint_folder(info, callback.state_key)
+            if callback.dirpath is not None:  # resuming into it: Lightning's warning is about a stranger's files
+                warnings.filterwarnings("ignore", re.escape(f"Checkpoint directory {callback.dirpath} exists"))
 
 
 def saved_checkpoint_folder(info: CheckpointInfo, state_key: str) -> str | None:

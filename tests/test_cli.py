@@ -564,8 +564,11 @@ def test_each_trainer_settings_smallest_value_trains(data_root: Path) -> None:
                                                   ("analyze", "limit_test_batches 0"), ("predict", "limit_predict_batches 0")])
 def test_an_evaluation_of_no_batches_is_refused(data_root: Path, subcommand: str, limit: str) -> None:
     """Lightning would report success with no metrics (or an empty CSV)."""
+    from senet_pl.model import SEResNet
+
+    torch.save(SEResNet(depth=18, stem="cifar").state_dict(), data_root.parent / "weights.pt")  # a trained model
     with pytest.raises(SystemExit) as exit_:
-        main([subcommand, *TINY, f"--trainer.{limit.replace(' ', '=')}"])
+        main([subcommand, *TINY, f"--trainer.{limit.replace(' ', '=')}", f"--ckpt_path={data_root.parent / 'weights.pt'}"])
     message = str(exit_.value.code)
     assert f"--trainer.{limit}: {subcommand} would evaluate nothing" in message and "\n" not in message, message
 
