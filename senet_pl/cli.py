@@ -119,10 +119,8 @@ class SENetCLI(LightningCLIHooks):
         super().parse_arguments(parser, args)
         # The same arguments without defaults: what the user gave, on the command line or in --config files
         # (a checkpoint's settings may fill in the rest, never override these).
-        if isinstance(args, (dict, Namespace)):
-            self.explicit = parser.parse_object(args, defaults=False)
-        else:
-            self.explicit = parser.parse_args(args, defaults=False)
+        parse = parser.parse_object if isinstance(args, (dict, Namespace)) else parser.parse_args
+        self.explicit = parse(args, defaults=False)
         subcommand = self.config.get("subcommand")
         self._name_plain_run(self.config[subcommand] if subcommand else self.config)
         check_seed(self.config[subcommand].get("seed_everything") if subcommand else self.config.get("seed_everything"))
@@ -180,9 +178,11 @@ class SENetCLI(LightningCLIHooks):
             ckpt = Path(cfg.ckpt_path).resolve()
             if ckpt.parent.name == "checkpoints" and ckpt.parent.parent.parent == root.resolve():
                 cfg.trainer.logger.init_args.version = ckpt.parent.parent.name
-                if subcommand != "fit":  # the run's config.yaml records its training; this command's goes beside it
-                    self.evaluated_run = ckpt.parent.parent
-                    self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": f"config_{subcommand}.yaml"}
+        if subcommand != "fit":  # a run's config.yaml records its training; this command's goes beside it
+            self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": f"config_{subcommand}.yaml"}
+            version = cfg.trainer.logger.init_args.get("version") if root is not None else None  # given, or the above
+            folder = root / (f"version_{version}" if isinstance(version, int) else str(version)) if version is not None else None
+            self.evaluated_run = folder if folder is not None and folder.is_dir() else None
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config  # run=False has no subcommand

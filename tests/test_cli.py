@@ -180,6 +180,16 @@ def test_ckpt_path_auto_is_for_fit_only(trained: Path) -> None:
     assert sorted((trained / "lightning_logs/mnist").iterdir()) == before
 
 
+def test_evaluating_into_a_named_version_keeps_its_training_config(trained: Path) -> None:
+    """With the run's version given explicitly, test wrote its settings over the training's config.yaml."""
+    config = trained / "lightning_logs/mnist/version_0/config.yaml"
+    before = config.read_bytes()
+    tested = run(trained, "test", *TINY, "--ckpt_path=last", "--trainer.logger.init_args.version=0")
+    assert tested.returncode == 0, tested.stderr[-2000:]
+    assert config.read_bytes() == before
+    assert (config.parent / "config_test.yaml").is_file()
+
+
 def test_analyze_needs_a_checkpoint_with_se(trained: Path, tmp_path: Path) -> None:
     # The CLI builds the model from the checkpoint's hyperparameters: a plain-ResNet checkpoint
     # is refused before its weights are read.
