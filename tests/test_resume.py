@@ -222,7 +222,7 @@ def test_values_left_out_are_taken_from_the_checkpoint(run_copy: Path, tmp_path:
     torch.save(ckpt, tmp_path / "r8.ckpt")
     bare = [a for a in TINY if not a.startswith("--config")]  # no recipe: defaults, and the checkpoint
     assert cli("test", *bare, f"--ckpt_path={tmp_path / 'r8.ckpt'}") is None
-    config = yaml.safe_load(next(Path("lightning_logs/senet").glob("version_*/config.yaml")).read_text())
+    config = yaml.safe_load(next(Path("lightning_logs/senet").glob("version_*/config_test.yaml")).read_text())
     assert config["model"]["reduction"] == 8 and config["model"]["warmup_steps"] == 100
 
 
