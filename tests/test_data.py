@@ -181,6 +181,8 @@ def test_erasing_ranges_must_be_min_max(data_root: Path) -> None:
     ({"erasing_value": -float("inf")}, "--data.erasing_value -inf: give a finite value"),
     ({"erasing_ratio": (float("inf"), float("inf"))}, r"--data.erasing_ratio \[inf, inf\]: give a finite range"),
     ({"erasing_ratio": (0.3, float("inf"))}, r"--data.erasing_ratio \[0.3, inf\]: give a finite range"),
+    ({"erasing_ratio": (float("inf"), 3.3)}, r"--data.erasing_ratio \[inf, 3.3\]: give a finite range"),
+    ({"erasing_scale": (float("nan"), 0.3)}, r"--data.erasing_scale \[nan, 0.3\]: give a finite range"),
 ])
 def test_erasing_settings_must_be_finite(data_root: Path, setting: dict, message: str) -> None:
     """YAML's .nan and .inf: an infinite value made the loss non-finite at the first erased image (whose message

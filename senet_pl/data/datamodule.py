@@ -92,10 +92,11 @@ class MNISTDataModule(L.LightningDataModule):
         if not 0 <= split_seed < 2**63:  # torch.Generator's range
             raise DataError(f"--data.split_seed {split_seed} is out of range: use a seed from 0 to {2**63 - 1}.")
         for name, (low, high) in (("erasing_scale", erasing_scale), ("erasing_ratio", erasing_ratio)):
+            # YAML's .inf: no rectangle of that shape fits, so nothing was ever erased; .nan passed every comparison
+            if not (math.isfinite(low) and math.isfinite(high)):
+                raise DataError(f"--data.{name} [{low}, {high}]: give a finite range [min, max].")
             if low > high:
                 raise DataError(f"--data.{name} [{low}, {high}]: give the range as [min, max].")
-            if not math.isfinite(high):  # YAML's .inf: no rectangle of that shape fits, so nothing was ever erased
-                raise DataError(f"--data.{name} [{low}, {high}]: give a finite range [min, max].")
         if not math.isfinite(erasing_value):  # YAML's .nan/.inf: the loss went non-finite at the first erased image
             raise DataError(f"--data.erasing_value {erasing_value}: give a finite value (in normalized units; 0 is the "
                             "dataset's mean pixel).")
