@@ -96,3 +96,50 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path: PATH, map_location: Any = None, weights_only: bool | None = None) -> dict:
         checkpoint = load_checkpoint(path, map_location=map_location or "cpu")
         return as_lightning_checkpoint(checkpoint) if is_state_dict(checkpoint) else checkpoint
+
+
+def follow_run_folder(callbacks: list, states: dict[str, Any], resumed: PATH) -> list[str]:
+    """Resuming from ``resumed``: make the records of the best-checkpoint ``callbacks`` in ``states`` (the
+    checkpoint's ``callbacks``, before Lightning restores them) name their files where they are now.
+
+    Lightning restores a ModelCheckpoint's best only when its folder is the very string it recorded, and then as
+    recorded, relative to where training ran. So a run whose logs were moved, or given by another ``save_dir``,
+    lost its best (the next validation, however worse, became it), and a run resumed from another working directory
+    could restore names of files that are not there. Now:
+
+    - a callback saving beside ``resumed`` (the same run): its records are the files of that folder with the
+      recorded names (those that still exist), so the best so far stays the best;
+    - a callback saving elsewhere (a new run folder): it starts afresh, its best chosen among its own validations;
+      the other folder's files are left alone. Returns one note per such callback that had a best.
+    """
+    folder = Path(resumed).resolve().parent
+    notes = []
+    for callback in callbacks:
+        state = states.get(callback.state_key)
+        if not isinstance(state, dict) or not isinstance(callback.dirpath, str):
+            continue
+        if Path(callback.dirpath).resolve() == folder:
+            _name_files_in(state, callback.dirpath)
+            continue
+        states[callback.state_key] = callback.state_dict()  # as new: nothing of the other folder's record
+        if state.get("best_model_path"):
+            notes.append(f"resuming from {resumed} into a new folder, {callback.dirpath}: this run's best checkpoint "
+                         f"is chosen among its own validations (the best so far, {Path(state['best_model_path']).name}, "
+                         f"stays beside {Path(resumed).name}).")
+    return notes
+
+
+def _name_files_in(state: dict[str, Any], dirpath: str) -> None:
+    """``state``'s files as the files of the same names in ``dirpath``; those that are not there are forgotten."""
+
+    def here(path: Any) -> str:
+        found = os.path.join(dirpath, Path(path).name) if isinstance(path, str) and path else ""
+        return found if found and os.path.isfile(found) else ""
+
+    best_k = state.get("best_k_models") or {}
+    state["best_k_models"] = {here(path): score for path, score in best_k.items() if here(path)}
+    for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+        state[key] = here(state.get(key))
+    if not state["best_model_path"]:
+        state["best_model_score"] = None
+    state["dirpath"] = dirpath

@@ -44,7 +44,7 @@ from senet_pl.module import NonFiniteLossError, SEResNetClassifier, SettingError
 from senet_pl.options import ShortErrorParser, check_clipping, check_options, check_seed
 from senet_pl.precision import ALIASES, fallback_message, resolve_precision
 from senet_pl.resume import keep_checkpoint_folders, reconcile, training_conflicts, weight_mismatch
-from senet_pl.runs import CLIError, FolderSnapshot, find_checkpoint, remove_new_folders
+from senet_pl.runs import CLIError, FolderSnapshot, NewRunFolders, find_checkpoint
 from senet_pl.schedule import ScheduleError
 from senet_pl.trainer import Trainer, close_process_group
 from senet_pl.untrusted import CheckpointInfo, read_checkpoint
@@ -233,7 +233,8 @@ class SENetCLI(LightningCLIHooks):
         info = self.ckpt_info
         if info is None:
             return
-        keep_checkpoint_folders([c for c in self.trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)], info)
+        keep_checkpoint_folders([c for c in self.trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)], info,
+                                self.trainer.log_dir)
         # Lightning restores the checkpoint's optimizer, schedule and position over the configured ones.
         configured = self.model.configure_optimizers()  # the same objects fit builds, on the model's parameters
         optimizers, schedulers = configured if isinstance(configured, tuple) else ([configured], [])
@@ -265,41 +266,26 @@ class SENetCLI(LightningCLIHooks):
     def run_subcommand(self, subcommand: str) -> None:
         """Run it; on a failure before any training step, remove the run folders it created (no empty
         version_N is left behind), and turn SIGTERM/Ctrl-C into a message built from what was written."""
-        root = self._logger_root()
-        before = set(root.iterdir()) if root is not None and root.is_dir() else set()
+        new_folders = NewRunFolders(self._logger_root())
         evaluated = FolderSnapshot(self.evaluated_run) if self.evaluated_run is not None else None
         try:
             super().run_subcommand(subcommand)
         except BaseException as err:
             start = self.graceful_stop.start_step  # None: training never started
             no_step = subcommand != "fit" or start is None or self.trainer.global_step == start  # only fit trains
-            removed = remove_new_folders(root, before) if no_step and self.trainer.is_global_zero else []
+            removed = new_folders.remove() if no_step and self.trainer.is_global_zero else []
             if evaluated is not None and self.trainer.is_global_zero:  # the trained run's folder, as it was
                 evaluated.restore()
-            if isinstance(err, (SIGTERMException, Interrupted)):
-                signum = self.graceful_stop.signal or getattr(err, "signum", signal.SIGTERM)
-                raise Stopped(self._stop_message(subcommand, removed, signum), signum) from None
+            # A second Ctrl-C: a KeyboardInterrupt, which Lightning's own handling turns into exit status 1.
+            # (A SIGTERMException, the first Ctrl-C's or a SIGTERM's, is a SystemExit too.)
+            aborted = isinstance(err, KeyboardInterrupt) or (isinstance(err, SystemExit) and not isinstance(err, SIGTERMException)
+                                                             and self.graceful_stop.signal == signal.SIGINT)
+            if isinstance(err, (SIGTERMException, Interrupted)) or aborted:
+                signum = signal.SIGINT if aborted else self.graceful_stop.signal or getattr(err, "signum", signal.SIGTERM)
+                resumed = (self.ckpt_info.path, self.ckpt_info.global_step) if self.ckpt_info else None
+                raise Stopped(self.graceful_stop.message(self.trainer, subcommand, removed, signum, resumed, aborted),
+                              signum) from None
             raise
-
-    def _stop_message(self, subcommand: str, removed: list[Path], signum: int) -> str:
-        name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-        step = self.trainer.global_step
-        if not self.graceful_stop.running:  # in data loading or setup, before the Trainer's loops
-            gone = f" (the new run folder {removed[0]} was removed)" if removed else ""
-            return f"{name}: {subcommand} stopped before it started; nothing was written{gone}."
-        if subcommand != "fit":
-            return f"{name}: {subcommand} stopped before the end; it wrote no results (and changes no model or checkpoint)."
-        latest = [c for c in self.trainer.checkpoint_callbacks if isinstance(c, LatestCheckpoint)]
-        saved = latest[0].saved if latest else None
-        if saved is not None and saved[1] == step:
-            return f"{name}: training stopped at step {step}; {saved[0]} holds every step done. Resume with --ckpt_path last."
-        if self.ckpt_info is not None and self.ckpt_info.global_step == step:
-            return (f"{name}: training stopped before its first step after resuming; {self.ckpt_info.path} (step {step}) "
-                    "still holds every step done. Resume with --ckpt_path last.")
-        if step == 0:
-            gone = f" (the new run folder {removed[0]} was removed)" if removed else ""
-            return f"{name}: training stopped before its first step: nothing to save{gone}."
-        return f"{name}: training stopped at step {step}, and no checkpoint of that step was written."
 
 
 def main(args: list[str] | None = None) -> None:

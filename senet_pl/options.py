@@ -190,6 +190,12 @@ def check_options(cfg: Any, subcommand: str | None, root: Path | None) -> None:
                 f"{folder} is a file, but the logger keeps its runs in that folder: move the file "
                 "away, or choose another --trainer.logger.init_args.save_dir (or .name)."
             )
+    logger = trainer.logger
+    version = logger.init_args.get("version") if root is not None and logger.class_path.endswith("CSVLogger") else None
+    folder = root / (f"version_{version}" if isinstance(version, int) else str(version)) if version is not None else None
+    if folder is not None and (folder / "metrics.csv").exists():  # Lightning's CSV logger writes over it
+        raise CLIError(f"--trainer.logger.init_args.version {version}: {folder} holds the metrics.csv of another "
+                       "command, which the CSV logger would replace: leave the version out (a new version_N is made).")
 
 
 def check_clipping(trainer: Any, optimizer: Any) -> None:

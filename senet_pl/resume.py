@@ -13,6 +13,7 @@
 """
 
 import inspect
+import os
 import re
 import warnings
 from collections.abc import Callable
@@ -90,14 +91,17 @@ def _seed(cfg: Any) -> int | None:
     return seed if type(seed) is int else None
 
 
-def keep_checkpoint_folders(best_checkpoints: list, info: CheckpointInfo) -> None:
+def keep_checkpoint_folders(best_checkpoints: list, info: CheckpointInfo, log_dir: str | None) -> None:
     """Resuming ``info``: each ModelCheckpoint without a folder of its own saves into the one it saved into before,
-    named as it recorded it, so that the best so far stays the best (``saved_checkpoint_folder``)."""
+    named as it recorded it, so that the best so far stays the best (``saved_checkpoint_folder``). ``log_dir`` is
+    the logger's run folder, whose checkpoints/ Lightning uses otherwise."""
     for callback in best_checkpoints:
         if callback.dirpath is None:
             callback.dirpath = saved_checkpoint_folder(info, callback.state_key)
-            if callback.dirpath is not None:  # resuming into it: Lightning's warning is about a stranger's files
-                warnings.filterwarnings("ignore", re.escape(f"Checkpoint directory {callback.dirpath} exists"))
+            folder = callback.dirpath or (os.path.join(log_dir, "checkpoints") if log_dir else None)
+            if folder is not None and Path(folder).resolve() == Path(info.path).resolve().parent:
+                # resuming into it: Lightning's warning is about a stranger's files
+                warnings.filterwarnings("ignore", re.escape(f"Checkpoint directory {folder} exists"))
 
 
 def saved_checkpoint_folder(info: CheckpointInfo, state_key: str) -> str | None:

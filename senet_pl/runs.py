@@ -45,16 +45,31 @@ def find_checkpoint(root: Path | None, name: str, subcommand: str) -> str | None
     return str(path)
 
 
-def remove_new_folders(root: Path | None, before: set[Path]) -> list[Path]:
-    """Remove the run folders under ``root`` that are not in ``before`` and hold no checkpoint; returns them."""
-    if root is None or not root.is_dir():
-        return []
-    removed = []
-    for folder in sorted(set(root.iterdir()) - before):
-        if folder.is_dir() and not any(folder.rglob("*.ckpt")):
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
-    return removed
+class NewRunFolders:
+    """The run folders a command makes under a logger's ``root`` (save_dir/name), noted before it starts."""
+
+    def __init__(self, root: Path | None) -> None:
+        self.root = root
+        self.before = set(root.iterdir()) if root is not None and root.is_dir() else set()
+        # root and those of its parents that do not exist yet, deepest first: the command makes them
+        self.missing = [p for p in (root, *root.parents) if not p.exists()] if root is not None else []
+
+    def remove(self) -> list[Path]:
+        """Remove the new run folders that hold no checkpoint (returns them), then the folders above them that the
+        command made and left empty (no empty lightning_logs/<name>/ after a refused run)."""
+        if self.root is None or not self.root.is_dir():
+            return []
+        removed = []
+        for folder in sorted(set(self.root.iterdir()) - self.before):
+            if folder.is_dir() and not any(folder.rglob("*.ckpt")):
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
+        for folder in self.missing:
+            try:
+                folder.rmdir()  # only if empty
+            except OSError:
+                break
+        return removed
 
 
 class FolderSnapshot:

@@ -7,7 +7,7 @@ import lightning.pytorch as L
 
 
 class SendSignal(L.Callback):
-    def __init__(self, phase: str, signum: int, step: int = 3) -> None:
+    def __init__(self, phase: str, signum: int, step: int = 3, twice: bool = False) -> None:
         """
         Args:
             phase: "sanity" (the sanity check's first batch), "training" (after optimizer step ``step``),
@@ -15,13 +15,16 @@ class SendSignal(L.Callback):
                 (while the first checkpoint is being saved), "test" or "predict" (their first batch).
             signum: the signal, e.g. 15 (SIGTERM) or 2 (SIGINT).
             step: for "training".
+            twice: send it a second time at once (a user who presses Ctrl-C again).
         """
-        self.phase, self.signum, self.step, self.sent = phase, signum, step, False
+        self.phase, self.signum, self.step, self.twice, self.sent = phase, signum, step, twice, False
 
     def _send(self, now: bool) -> None:
         if now and not self.sent:
             self.sent = True
             os.kill(os.getpid(), self.signum)
+            if self.twice:
+                os.kill(os.getpid(), self.signum)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         phase = "sanity" if trainer.sanity_checking else "validation"

@@ -204,6 +204,43 @@ def test_a_signal_in_any_phase_of_fit_keeps_every_step_and_resumes_exactly(
     assert_same_weights(last, uninterrupted_short)
 
 
+def test_ctrl_c_while_python_imports_torch_is_one_line(tmp_path: Path) -> None:
+    """The first seconds of ``python -m senet_pl`` import torch and Lightning, before main() handles signals."""
+    process = subprocess.Popen([sys.executable, "-m", "senet_pl", "fit", *TINY], cwd=tmp_path, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    maps = Path(f"/proc/{process.pid}/maps")
+    deadline = time.monotonic() + 60
+    while process.poll() is None and time.monotonic() < deadline and "libtorch" not in maps.read_text():
+        time.sleep(0.01)  # until torch's libraries are being loaded
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "Ctrl-C: stopped before any work; nothing was written." in stderr and "Traceback" not in stderr, stderr[-2000:]
+
+
+@pytest.mark.parametrize("step", [3, 7])  # before and after the first checkpoint (the end of epoch 0, step 5)
+def test_a_second_ctrl_c_aborts_at_once_and_says_what_is_kept(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                              step: int) -> None:
+    """The second Ctrl-C is a KeyboardInterrupt, which Lightning turned into exit status 1 without a word."""
+    make_dataset(tmp_path / "data")
+    before = signal.getsignal(signal.SIGINT)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", *SHORT, *_probe("training", signal.SIGINT), f"--trainer.callbacks.step={step}",
+              "--trainer.callbacks.twice=true"])
+    stderr = capsys.readouterr().err
+    assert exit_.value.code == 130, stderr[-2000:]
+    said = f"Ctrl-C twice: training aborted at once at step {step}, and no checkpoint of that step was written"
+    last = CHECKPOINTS / "last.ckpt"
+    if step == 7:
+        said += f"; {last} holds step 5: resume with --ckpt_path last."
+        assert load_checkpoint(last)["global_step"] == 5
+    else:
+        assert not last.exists()
+    assert said in stderr and "Traceback" not in stderr, stderr[-2000:]
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 @pytest.mark.parametrize(("signum", "status"), SIGNALS)
 def test_a_signal_before_the_first_step_saves_nothing_and_leaves_no_run(tmp_path: Path, signum: int, status: int) -> None:
     """In the real process (``python -m senet_pl``): its exit status and message."""
@@ -215,7 +252,7 @@ def test_a_signal_before_the_first_step_saves_nothing_and_leaves_no_run(tmp_path
     assert "training stopped before its first step: nothing to save (the new run folder" in result.stderr
     assert "Traceback" not in result.stderr
     assert "Received SIGTERM" not in result.stderr  # Lightning's log line: wrong after a Ctrl-C, and said again below
-    assert not list(Path("lightning_logs/mnist").iterdir())  # no empty version_0 for --ckpt_path last to trip on
+    assert not Path("lightning_logs").exists()  # no empty version_0 for --ckpt_path last to trip on, nor empty folders
 
 
 @pytest.mark.parametrize(("signum", "status"), SIGNALS)
@@ -236,6 +273,30 @@ def test_a_signal_stops_test_and_predict_and_says_nothing_was_written(
     # ... in the trained run's folder either: no events file of its own, the earlier config_<command>.yaml kept
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
     assert not list(Path("lightning_logs").rglob("predictions.csv"))
+
+
+def test_a_failure_in_the_middle_of_test_leaves_the_trained_run_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not a signal: an error at the second test batch (after the first one's metrics were logged)."""
+    from senet_pl.module import SEResNetClassifier
+
+    make_dataset(tmp_path / "data")
+    fit(*TINY, "--trainer.max_epochs=1")
+    run_dir = Path("lightning_logs/mnist/version_0")
+    before = {p.name: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    test_step = SEResNetClassifier.test_step
+
+    def failing(self, batch, batch_idx, *args, **kwargs):
+        if batch_idx == 1:
+            raise RuntimeError("a failure half-way")
+        return test_step(self, batch, batch_idx, *args, **kwargs)
+
+    monkeypatch.setattr(SEResNetClassifier, "test_step", failing)
+    with pytest.raises(RuntimeError, match="a failure half-way"):
+        main(["test", *TINY, "--ckpt_path=last"])
+    assert {p.name: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in Path("lightning_logs/mnist").iterdir()) == ["version_0"]
 
 
 def _fail_after(calls: int, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -506,6 +506,7 @@ def test_runs_that_fail_before_their_first_step_leave_no_run_folder(
         main(["fit", *TINY, *args])
     assert expected in str(exit_.value.code) and "\n" not in str(exit_.value.code), exit_.value.code
     assert not list(tmp_path.glob("lightning_logs/*/version_*"))  # nothing for --ckpt_path last|best|auto to pick
+    assert not (tmp_path / "lightning_logs").exists()  # nor an empty lightning_logs/mnist/ (it was left)
 
 
 @pytest.mark.parametrize("option", sorted(SMALLEST))
@@ -667,10 +668,16 @@ def test_a_resume_with_nothing_left_to_train_says_so(tmp_path: Path, capsys: pyt
     capsys.readouterr()
     main(["fit", *TINY, "--trainer.max_epochs=1", "--ckpt_path=last"])
     out = capsys.readouterr().out
-    assert "fit done: 1 epoch(s), step 3 (0 in this run)" in out
+    assert "fit done: step 3 (0 in this run)" in out  # no epochs: Lightning's counter is then the checkpoint's
     assert "nothing left to train: the checkpoint had reached this run's end; give a larger --trainer.max_epochs" in out
     assert "last checkpoint: lightning_logs/mnist/version_0/checkpoints/last.ckpt" in out, out
     assert last.read_bytes() == before
+    # cut by max_steps at the end of its second epoch: Lightning's counter said "1 epoch(s)" on such a resume
+    main(["fit", *TINY, "--trainer.max_epochs=5", "--trainer.max_steps=6", "--ckpt_path=last"])
+    assert "fit done: 2 epoch(s), step 6 (3 in this run)" in capsys.readouterr().out
+    main(["fit", *TINY, "--trainer.max_epochs=5", "--trainer.max_steps=6", "--ckpt_path=last"])
+    out = capsys.readouterr().out
+    assert "fit done: step 6 (0 in this run)" in out and "epoch" not in out.split("fit done:")[1].split("\n")[0]
 
 
 def test_the_model_summary_shows_shapes_and_flops(trained: Path) -> None:
@@ -756,7 +763,7 @@ def test_a_run_without_a_logger_keeps_its_checkpoints_and_writes_nothing_else(tm
     # a finished run resumed with nothing left to train: its steps are the checkpoint's, none of them this run's
     again = run(tmp_path, "fit", *TINY, "--trainer.max_epochs=2", "--trainer.logger=false",
                 "--ckpt_path=checkpoints/last.ckpt")
-    assert again.returncode == 0 and "fit done: 2 epoch(s), step 6 (0 in this run)" in again.stdout, again.stdout
+    assert again.returncode == 0 and "fit done: step 6 (0 in this run)" in again.stdout, again.stdout
     tested = run(tmp_path, "test", *TINY, "--trainer.logger=false", "--ckpt_path=checkpoints/last.ckpt")
     assert tested.returncode == 0 and "test/acc" in tested.stdout and "logged to" not in tested.stdout
 
@@ -821,6 +828,10 @@ def test_a_csv_logger_run_resumes_by_name_and_keeps_its_metrics(tmp_path: Path) 
     tested = run(tmp_path, "test", *csv_logger, "--ckpt_path=best")
     assert tested.returncode == 0 and "test/acc" in tested.stdout, tested.stderr[-2000:]
     assert (first / "metrics.csv").read_text() == metrics  # the first run's record is intact
+    # ... also when the run's folder is named: Lightning's CSV logger deletes the metrics.csv of a folder it logs into
+    named = run(tmp_path, "test", *csv_logger, "--trainer.logger.init_args.version=0", "--ckpt_path=best")
+    assert named.returncode == 1 and "csv/mnist/version_0 holds the metrics.csv of another command" in named.stderr
+    assert (first / "metrics.csv").read_text() == metrics
 
 
 def test_a_warm_up_longer_than_the_run_is_said(data_root: Path) -> None:

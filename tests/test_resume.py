@@ -363,6 +363,48 @@ def test_best_is_found_from_another_folder_and_in_a_moved_run(run_copy: Path, tm
     assert (tmp_path / "moved/mnist/version_0/config_test.yaml").is_file()  # tested and logged into that run
 
 
+def _unbeatable(path: Path) -> str:
+    """Make the best so far of the checkpoint at ``path`` score val/acc 2.0, which no validation can beat; its name."""
+    ckpt = load_checkpoint(path)
+    state = _best_state(ckpt)
+    best, score = state["best_model_path"], torch.tensor(2.0)
+    state.update(best_model_score=score, kth_value=score, kth_best_model_path=best, best_k_models={best: score})
+    rewrite(path, ckpt)
+    return Path(best).name
+
+
+def test_a_moved_run_resumes_with_its_best(run_copy: Path, tmp_path: Path) -> None:
+    """Lightning restores the best only if the checkpoints folder is the string it recorded: after the logs were
+    moved (another save_dir), the next validation, however worse, became the best."""
+    best = _unbeatable(run_copy)
+    (tmp_path / "lightning_logs").rename(tmp_path / "moved")
+    assert cli("fit", *TINY, "--trainer.logger.init_args.save_dir=moved", "--trainer.max_epochs=2", "--ckpt_path=last") is None
+    folder = tmp_path / "moved/mnist/version_0/checkpoints"
+    assert [p.name for p in folder.glob("best-*")] == [best]
+    state = _best_state(load_checkpoint(folder / "last.ckpt"))
+    assert load_checkpoint(folder / "last.ckpt")["global_step"] == 6
+    assert float(state["best_model_score"]) == 2.0 and Path(state["best_model_path"]).resolve() == folder / best
+
+
+def test_a_run_resumed_into_a_new_folder_chooses_its_own_best(run_copy: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """From another working directory the run's relative save_dir names a new folder (here the same string,
+    lightning_logs/mnist/version_0, elsewhere): its best is among its own validations, and named files exist."""
+    _unbeatable(run_copy)
+    original = {p.name: p.stat().st_mtime_ns for p in run_copy.parent.iterdir()}
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    data = [a if not a.startswith("--data.data_dir") else "--data.data_dir=../data" for a in TINY]
+    assert cli("fit", *data, "--trainer.max_epochs=2", f"--ckpt_path={run_copy}") is None
+    folder = tmp_path / "elsewhere" / RUN / "checkpoints"
+    (best,) = folder.glob("best-*")
+    assert best.name.startswith("best-epoch01")
+    state = _best_state(load_checkpoint(folder / "last.ckpt"))
+    assert Path(state["best_model_path"]).resolve() == best and list(state["best_k_models"]) == [state["best_model_path"]]
+    assert {p.name: p.stat().st_mtime_ns for p in run_copy.parent.iterdir()} == original  # left alone
+    assert "this run's best checkpoint is chosen among its own validations" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("damage", "expected"),
     [

@@ -7,6 +7,7 @@
 
 import os
 import signal
+import sys
 from typing import Any
 
 import lightning.pytorch as L
@@ -14,6 +15,7 @@ from jsonargparse.typing import NonNegativeInt
 from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from senet_pl.checkpoints import follow_run_folder
 from senet_pl.compat import at_last_batch
 
 
@@ -68,6 +70,16 @@ class LatestCheckpoint(Checkpoint):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._save(trainer)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Lightning calls every callback's on_load_checkpoint before it restores their states: the best-checkpoint
+        # records are made to name the files where they are now (checkpoints.follow_run_folder).
+        states = checkpoint.get("callbacks")
+        if trainer.state.fn == "fit" and trainer.ckpt_path and isinstance(states, dict):
+            best = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
+            for note in follow_run_folder(best, states, trainer.ckpt_path):
+                if trainer.is_global_zero:
+                    print(note, file=sys.stderr)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         # Training or validating inside fit (not the sanity check, which comes before any step of this
@@ -142,3 +154,29 @@ class GracefulStop(Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restore()
+
+    def message(self, trainer: L.Trainer, subcommand: str, removed: list, signum: int,
+                resumed: tuple[str, int] | None, aborted: bool = False) -> str:
+        """What a command stopped by ``signum`` wrote and did not write (``removed``: the new run folders it removed;
+        ``resumed``: the checkpoint a fit resumed from and its step; ``aborted``: a second Ctrl-C, at once)."""
+        name = "Ctrl-C twice" if aborted else "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        stopped = "aborted at once" if aborted else "stopped"
+        step = trainer.global_step
+        gone = f" (the new run folder {removed[0]} was removed)" if removed else ""
+        if not self.running:  # in data loading or setup, before the Trainer's loops
+            return f"{name}: {subcommand} {stopped} before it started; nothing was written{gone}."
+        if subcommand != "fit":
+            return f"{name}: {subcommand} {stopped} before the end; it wrote no results (and changes no model or checkpoint)."
+        latest = [c for c in trainer.checkpoint_callbacks if isinstance(c, LatestCheckpoint)]
+        saved = latest[0].saved if latest else None
+        if saved is not None and saved[1] == step:
+            return f"{name}: training {stopped} at step {step}; {saved[0]} holds every step done. Resume with --ckpt_path last."
+        if resumed is not None and resumed[1] == step:
+            return (f"{name}: training {stopped} before its first step after resuming; {resumed[0]} (step {step}) "
+                    "still holds every step done. Resume with --ckpt_path last.")
+        if step == 0:
+            return f"{name}: training {stopped} before its first step: nothing to save{gone}."
+        kept = saved or resumed
+        held = f"; {kept[0]} holds step {kept[1]}: resume with --ckpt_path last" if kept else ""
+        return f"{name}: training {stopped} at step {step}, and no checkpoint of that step was written{held}."
+

@@ -45,8 +45,9 @@ class RunSummary(Callback):
         config = Path(log_dir) / "config.yaml" if log_dir else None
         steps = trainer.global_step - self.start_step if self.start_step is not None else 0
         speed = f", {self.images / self.train_seconds:,.0f} training images/s" if self.train_seconds and self.images else ""
-        lines = [f"fit done: {self.epochs(trainer)}, step {trainer.global_step} ({steps} in this run) "
-                 f"in {self.seconds:.1f} s{speed}."]
+        # (Not the epochs of a resume with nothing left to train: Lightning's counters then depend on what ended the run.)
+        epochs = f"{self.epochs(trainer)}, " if steps > 0 or trainer.global_step == 0 else ""
+        lines = [f"fit done: {epochs}step {trainer.global_step} ({steps} in this run) in {self.seconds:.1f} s{speed}."]
         if steps == 0 and trainer.global_step > 0:  # resumed at (or past) the end it was given
             lines.append("nothing left to train: the checkpoint had reached this run's end; give a larger "
                          "--trainer.max_epochs or --trainer.max_steps to train on.")
