@@ -107,8 +107,8 @@ def follow_run_folder(callbacks: list, states: dict[str, Any], resumed: PATH) ->
     lost its best (the next validation, however worse, became it), and a run resumed from another working directory
     could restore names of files that are not there. Now:
 
-    - a callback saving beside ``resumed`` (the same run): its records are the files of that folder with the
-      recorded names (those that still exist), so the best so far stays the best;
+    - a callback saving beside ``resumed`` or into the folder it recorded (the same run): its records are the files
+      of that folder with the recorded names (those that still exist), so the best so far stays the best;
     - a callback saving elsewhere (a new run folder): it starts afresh, its best chosen among its own validations;
       the other folder's files are left alone. Returns one note per such callback that had a best.
     """
@@ -118,7 +118,12 @@ def follow_run_folder(callbacks: list, states: dict[str, Any], resumed: PATH) ->
         state = states.get(callback.state_key)
         if not isinstance(state, dict) or not isinstance(callback.dirpath, str):
             continue
-        if Path(callback.dirpath).resolve() == folder:
+        recorded, best = state.get("dirpath"), state.get("best_model_path")
+        here = Path(callback.dirpath).resolve()
+        # The same run: saving beside the checkpoint, or into the folder it recorded and that holds its best
+        # (--checkpoint.dirpath apart from --last_checkpoint.dirpath; not the same relative name elsewhere).
+        holds_best = isinstance(best, str) and bool(best) and (here / Path(best).name).is_file()
+        if here == folder or holds_best and isinstance(recorded, str) and here == Path(recorded).resolve():
             _name_files_in(state, callback.dirpath)
             continue
         states[callback.state_key] = callback.state_dict()  # as new: nothing of the other folder's record

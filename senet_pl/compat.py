@@ -118,6 +118,8 @@ UNACTIONABLE_INFO = (
     # "[rank: 0] Received SIGTERM: 15", also after a Ctrl-C (GracefulStop relays it as SIGTERM): the CLI's own
     # message names the signal and says what was saved
     "Received SIGTERM: ",
+    # after a second Ctrl-C, which aborts at once: the CLI's own message says so and what is kept
+    "Detected KeyboardInterrupt, attempting graceful shutdown",
 )
 UNACTIONABLE_WARNINGS = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # inside Lightning's own _pytree, on torch 2.14

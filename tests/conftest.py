@@ -2,6 +2,7 @@
 
 import gzip
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -114,6 +115,16 @@ def in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with no pytest arguments in sys.argv."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["senet_pl"])
+
+
+@pytest.fixture(autouse=True)
+def ctrl_c_is_delivered() -> None:
+    """Ctrl-C as in a terminal. pytest started as a shell script's background job (CI) ignores SIGINT, and the CLI
+    leaves an ignored Ctrl-C ignored; the tests that send one need it delivered (subprocesses too: they inherit
+    an ignored signal, not a handler)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 def cli(*args: str) -> str | None:

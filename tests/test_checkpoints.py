@@ -218,6 +218,19 @@ def test_ctrl_c_while_python_imports_torch_is_one_line(tmp_path: Path) -> None:
     assert "Ctrl-C: stopped before any work; nothing was written." in stderr and "Traceback" not in stderr, stderr[-2000:]
 
 
+def test_an_ignored_ctrl_c_stays_ignored(tmp_path: Path) -> None:
+    """A job that a shell script starts in the background ignores SIGINT (the Ctrl-C meant for the script); Python
+    leaves it so, and so does the CLI: the run goes on to its end. (SIGTERM still stops it.)"""
+    make_dataset(tmp_path / "data")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([PROBE_PATH, os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-m", "senet_pl", "fit", *TINY, "--trainer.max_epochs=1",
+                             *_probe("training", signal.SIGINT)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Ctrl-C" not in result.stderr and "fit done: 1 epoch(s), step 3" in result.stdout
+
+
 @pytest.mark.parametrize("step", [3, 7])  # before and after the first checkpoint (the end of epoch 0, step 5)
 def test_a_second_ctrl_c_aborts_at_once_and_says_what_is_kept(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                               step: int) -> None:

@@ -386,6 +386,18 @@ def test_a_moved_run_resumes_with_its_best(run_copy: Path, tmp_path: Path) -> No
     assert float(state["best_model_score"]) == 2.0 and Path(state["best_model_path"]).resolve() == folder / best
 
 
+def test_a_run_with_its_own_checkpoint_folders_resumes_with_its_best(data_root: Path, capsys) -> None:
+    """--checkpoint.dirpath apart from --last_checkpoint.dirpath: the best's folder is not last.ckpt's, but the same."""
+    folders = ["--checkpoint.dirpath=ck", "--last_checkpoint.dirpath=lk"]
+    assert cli("fit", *TINY, *folders, "--trainer.max_epochs=1") is None
+    best = _unbeatable(Path("lk/last.ckpt"))
+    capsys.readouterr()
+    assert cli("fit", *TINY, *folders, "--trainer.max_epochs=2", "--ckpt_path=lk/last.ckpt") is None
+    assert [p.name for p in Path("ck").glob("best-*")] == [best]
+    assert float(_best_state(load_checkpoint(Path("lk/last.ckpt")))["best_model_score"]) == 2.0
+    assert "into a new folder" not in capsys.readouterr().err
+
+
 def test_a_run_resumed_into_a_new_folder_chooses_its_own_best(run_copy: Path, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """From another working directory the run's relative save_dir names a new folder (here the same string,

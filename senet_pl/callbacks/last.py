@@ -110,8 +110,10 @@ class EarlySignals:
             raise Interrupted(signum)
 
     def install(self) -> dict[int, Any]:
-        """Install for SIGINT and SIGTERM; returns the handlers it replaced."""
-        return {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
+        """Install for SIGINT and SIGTERM, unless the process ignores them (as Python itself leaves an ignored SIGINT:
+        a job that a shell script starts in the background ignores the Ctrl-C meant for the script); returns the
+        handlers it replaced."""
+        return {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN}
 
 
 class GracefulStop(Callback):
@@ -131,7 +133,8 @@ class GracefulStop(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # From the start of every command (fit with its sanity check, validate, test, predict), not only training.
         self.signal, self.running, self.start_step = None, True, None
-        self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # an ignored Ctrl-C stays ignored (EarlySignals)
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.start_step = trainer.global_step
