@@ -127,9 +127,9 @@ def follow_run_folder(callbacks: list, states: dict[str, Any], resumed: PATH) ->
             _name_files_in(state, callback.dirpath)
             continue
         states[callback.state_key] = callback.state_dict()  # as new: nothing of the other folder's record
-        if state.get("best_model_path"):
+        if best:
             notes.append(f"resuming from {resumed} into a new folder, {callback.dirpath}: this run's best checkpoint "
-                         f"is chosen among its own validations (the best so far, {Path(state['best_model_path']).name}, "
+                         f"is chosen among its own validations (the best so far, {Path(str(best)).name}, "
                          f"stays beside {Path(resumed).name}).")
     return notes
 

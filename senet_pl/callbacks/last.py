@@ -182,4 +182,3 @@ class GracefulStop(Callback):
         kept = saved or resumed
         held = f"; {kept[0]} holds step {kept[1]}: resume with --ckpt_path last" if kept else ""
         return f"{name}: training {stopped} at step {step}, and no checkpoint of that step was written{held}."
-
