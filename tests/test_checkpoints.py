@@ -218,6 +218,22 @@ def test_ctrl_c_while_python_imports_torch_is_one_line(tmp_path: Path) -> None:
     assert "Ctrl-C: stopped before any work; nothing was written." in stderr and "Traceback" not in stderr, stderr[-2000:]
 
 
+def test_a_second_ctrl_c_during_test_aborts_and_leaves_the_run_as_it_was(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    make_dataset(tmp_path / "data")
+    fit(*TINY, "--trainer.max_epochs=1")
+    run_dir = Path("lightning_logs/mnist/version_0")
+    before = {p.name: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["test", *TINY, "--ckpt_path=last", *_probe("test", signal.SIGINT), "--trainer.callbacks.twice=true"])
+    stderr = capsys.readouterr().err
+    assert exit_.value.code == 130, stderr[-2000:]
+    assert "Ctrl-C twice: test aborted at once before the end; it wrote no results" in stderr, stderr[-2000:]
+    assert "Traceback" not in stderr and "Detected KeyboardInterrupt" not in stderr
+    assert {p.name: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
 def test_an_ignored_ctrl_c_stays_ignored(tmp_path: Path) -> None:
     """A job that a shell script starts in the background ignores SIGINT (the Ctrl-C meant for the script); Python
     leaves it so, and so does the CLI: the run goes on to its end. (SIGTERM still stops it.)"""
