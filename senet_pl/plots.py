@@ -22,18 +22,22 @@ def confusion_matrix_figure(matrix: torch.Tensor, class_names: list[str] | None 
 
 def misclassified_figure(images: torch.Tensor, true: list[str], predicted: list[str]) -> Figure:
     """A grid of images (N, 1, H, W) titled 'true -> predicted'; pixel values are rescaled per image."""
-    n = max(len(images), 1)
+    n = len(images)
+    if not n:  # wide enough for the sentence (a 1.5 in cell cut it off)
+        figure = Figure(figsize=(3, 0.5))
+        figure.text(0.5, 0.5, "no misclassified images", ha="center", va="center")
+        return figure
     cols = min(n, 8)
     rows = math.ceil(n / cols)
-    figure = Figure(figsize=(1.5 * cols, 1.7 * rows), layout="constrained")
+    # Fixed margins, not layout="constrained": for 32 images that took 1.5 s of a validation on a 2-core CPU,
+    # these 0.7 s. Each cell is 1.5 x 1.7 in: the image and, in the top 0.3 in, its title.
+    figure = Figure(figsize=(1.5 * cols, 1.7 * rows))
+    figure.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.3 / (1.7 * rows), wspace=0.1, hspace=0.3)
     for i in range(n):
         ax = figure.add_subplot(rows, cols, i + 1)
         ax.set_axis_off()
-        if i < len(images):
-            ax.imshow(images[i, 0].float().cpu().numpy(), cmap="gray")
-            ax.set_title(f"{true[i]} -> {predicted[i]}", fontsize=8)
-    if not len(images):
-        figure.suptitle("no misclassified images")
+        ax.imshow(images[i, 0].float().cpu().numpy(), cmap="gray")
+        ax.set_title(f"{true[i]} -> {predicted[i]}", fontsize=8)
     return figure
 
 

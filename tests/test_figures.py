@@ -1,8 +1,10 @@
 from pathlib import Path
 
 import lightning.pytorch as L
+import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
@@ -24,6 +26,22 @@ def test_confusion_matrix_figure_has_a_cell_per_class_pair() -> None:
 def test_misclassified_figure_titles_true_and_predicted() -> None:
     figure = misclassified_figure(torch.rand(3, 1, 28, 28), ["1", "2", "3"], ["7", "5", "8"])
     assert [ax.get_title() for ax in figure.axes] == ["1 -> 7", "2 -> 5", "3 -> 8"]
+
+
+@pytest.mark.parametrize("n", [0, 3, 32])
+def test_misclassified_figure_shows_every_word(n: int) -> None:
+    """Every title (the longest class names of Fashion-MNIST), and the sentence of an empty figure, lies inside the
+    figure: none cut off at its edge (an empty figure's sentence was)."""
+    long = ["T-shirt/top", "Ankle boot"]
+    true, predicted = [long[i % 2] for i in range(n)], [long[(i + 1) % 2] for i in range(n)]
+    figure = misclassified_figure(torch.rand(n, 1, 28, 28), true, predicted)
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    texts = [ax.title for ax in figure.axes] + figure.texts
+    assert len(texts) == max(n, 1) and all(t.get_text() for t in texts)
+    box = figure.bbox
+    for text in texts:
+        extent = text.get_window_extent(renderer)
+        assert box.x0 <= extent.x0 and extent.x1 <= box.x1 and box.y0 <= extent.y0 and extent.y1 <= box.y1, text.get_text()
 
 
 def test_excitation_figure_has_a_panel_per_block_and_a_line_per_class() -> None:
