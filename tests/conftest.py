@@ -1,6 +1,8 @@
 """Synthetic MNIST-format data and image folders, built per test, so the suite never needs the network."""
 
+import contextlib
 import gzip
+import io
 import os
 import signal
 import struct
@@ -62,9 +64,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 # configs/mnist.yaml on the synthetic data, shrunk to seconds on a CPU: batches of 8, 16 images
 # held out (80 left for training: 10 batches an epoch), 3 training and 2 validation batches.
+# Images resized to 8x8 (SMALL) keep the recipe's SE-ResNet-18, every block and all 11M weights, with
+# 12x less work per image than at 28x28; test_gpu.py drops SMALL to test the kernels of the native size.
 # Tests that need whole epochs drop the first limit with FULL_EPOCHS.
+SMALL = "--data.image_size=8"
 TINY = [
     f"--config={REPO / 'configs' / 'mnist.yaml'}",
+    SMALL,
     "--data.data_dir=data",
     "--data.download=false",
     "--data.batch_size=8",
@@ -150,6 +156,28 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 def run(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     """``python -m senet_pl ARGS`` in CWD, as a user would run it."""
     return subprocess.run([sys.executable, "-m", "senet_pl", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def run_here(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """``run`` in this process: the same exit code, stdout and the messages the CLI prints to stderr, without the
+    seconds of starting Python and importing torch and Lightning for each command (about 8 s on a 2-core AVX2 CPU).
+    Not what Python's warnings and Lightning's log lines print (pytest records those): tests of them, of signals,
+    and of what a real process does use ``run``."""
+    from senet_pl.cli import main
+
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    previous = Path.cwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main(list(args))
+    except SystemExit as exit_:  # as Python's own exit: a message goes to stderr and exits with 1
+        code = exit_.code if isinstance(exit_.code, int) else 1 if exit_.code else 0
+        if isinstance(exit_.code, str):
+            err.write(exit_.code + "\n")
+    finally:
+        os.chdir(previous)
+    return subprocess.CompletedProcess(["python", "-m", "senet_pl", *args], code, out.getvalue(), err.getvalue())
 
 
 # -- image files, for predict_dir ------------------------------------------------------------------

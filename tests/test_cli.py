@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import N_TEST, REPO, TINY, cli, make_dataset, mixed_folder, run, scalars
+from conftest import N_TEST, REPO, TINY, cli, make_dataset, mixed_folder, run, run_here, scalars
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
@@ -73,11 +73,11 @@ def test_checkpoint_loads_safely_with_plain_hyperparameters(trained: Path) -> No
 
 
 def test_test_and_validate_from_checkpoints(trained: Path) -> None:
-    tested = run(trained, "test", *TINY, "--ckpt_path=best")
+    tested = run_here(trained, "test", *TINY, "--ckpt_path=best")
     assert tested.returncode == 0, tested.stderr[-3000:]
     assert "test/acc" in tested.stdout
     last = trained / "lightning_logs/mnist/version_0/checkpoints/last.ckpt"
-    validated = run(trained, "validate", *TINY, f"--ckpt_path={last}")
+    validated = run_here(trained, "validate", *TINY, f"--ckpt_path={last}")
     assert validated.returncode == 0, validated.stderr[-3000:]
     assert "val/acc" in validated.stdout
 
@@ -93,7 +93,7 @@ def _csv(path: Path) -> list[dict[str, str]]:
 
 
 def test_predict_writes_one_row_per_test_image(trained: Path) -> None:
-    result = run(trained, "predict", *TINY, "--ckpt_path=last")
+    result = run_here(trained, "predict", *TINY, "--ckpt_path=last")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = _csv(_newest(trained, "predictions.csv"))
     assert list(rows[0]) == ["index", "prediction", "class", "confidence", "top3"]
@@ -111,7 +111,7 @@ def test_predict_on_a_folder_of_own_images(trained: Path) -> None:
     data = trained / "data"
     data.rename(trained / "elsewhere")  # one's own images need no dataset files
     try:
-        result = run(trained, "predict", *TINY, "--ckpt_path=last", "--data.predict_dir=mine")
+        result = run_here(trained, "predict", *TINY, "--ckpt_path=last", "--data.predict_dir=mine")
     finally:
         (trained / "elsewhere").rename(data)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -126,7 +126,7 @@ def test_predict_on_a_folder_of_own_images(trained: Path) -> None:
 
 def test_a_checkpoint_of_another_dataset_is_refused(trained: Path) -> None:
     mixed_folder(trained / "other")
-    result = run(trained, "predict", *TINY, "--ckpt_path=last", "--data.predict_dir=other", "--data.dataset=kmnist")
+    result = run_here(trained, "predict", *TINY, "--ckpt_path=last", "--data.predict_dir=other", "--data.dataset=kmnist")
     assert result.returncode == 1
     assert "--data.dataset kmnist, but the checkpoint has mnist" in result.stderr and "Traceback" not in result.stderr
 
@@ -135,14 +135,14 @@ def test_a_checkpoint_of_another_dataset_is_refused(trained: Path) -> None:
 def test_predict_dir_without_images_is_one_line(trained: Path, folder: str) -> None:
     (trained / "junk").mkdir(exist_ok=True)
     (trained / "junk" / "a.txt").write_text("text")
-    result = run(trained, "predict", *TINY, "--ckpt_path=last", f"--data.predict_dir={folder}")
+    result = run_here(trained, "predict", *TINY, "--ckpt_path=last", f"--data.predict_dir={folder}")
     assert result.returncode == 1
     message = "is not a folder" if folder == "missing" else "no readable image in junk (1 files skipped)"
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
 def test_analyze_writes_the_excitation_figure_table_and_summary(trained: Path) -> None:
-    result = run(trained, "analyze", *TINY, "--trainer.limit_test_batches=5", "--ckpt_path=last")
+    result = run_here(trained, "analyze", *TINY, "--trainer.limit_test_batches=5", "--ckpt_path=last")
     assert result.returncode == 0, result.stderr[-3000:]
     folder = _newest(trained, "excitation.png").parent
     rows = _csv(folder / "excitation.csv")
@@ -173,7 +173,7 @@ def test_evaluating_needs_a_trained_model(data_root: Path, subcommand: str) -> N
 def test_ckpt_path_auto_is_for_fit_only(trained: Path) -> None:
     """auto may start a new run; to evaluate, the model is named (best, last or a path)."""
     before = sorted((trained / "lightning_logs/mnist").iterdir())
-    refused = run(trained, "test", *TINY, "--ckpt_path=auto")
+    refused = run_here(trained, "test", *TINY, "--ckpt_path=auto")
     assert refused.returncode == 1
     assert refused.stderr.strip().endswith("error: --ckpt_path auto resumes a run or starts one (fit only): test takes "
                                            "best, last or a checkpoint's path."), refused.stderr[-2000:]
@@ -184,7 +184,7 @@ def test_evaluating_into_a_named_version_keeps_its_training_config(trained: Path
     """With the run's version given explicitly, test wrote its settings over the training's config.yaml."""
     config = trained / "lightning_logs/mnist/version_0/config.yaml"
     before = config.read_bytes()
-    tested = run(trained, "test", *TINY, "--ckpt_path=last", "--trainer.logger.init_args.version=0")
+    tested = run_here(trained, "test", *TINY, "--ckpt_path=last", "--trainer.logger.init_args.version=0")
     assert tested.returncode == 0, tested.stderr[-2000:]
     assert config.read_bytes() == before
     assert (config.parent / "config_test.yaml").is_file()
@@ -198,18 +198,18 @@ def test_analyze_needs_a_checkpoint_with_se(trained: Path, tmp_path: Path) -> No
     ckpt["state_dict"] = {k: v for k, v in ckpt["state_dict"].items() if ".se." not in k}
     torch.save(ckpt, tmp_path / "plain.ckpt")
     no_se = f"--config={REPO / 'configs' / 'no_se.yaml'}"
-    refused = run(trained, "analyze", *TINY, no_se, f"--ckpt_path={tmp_path / 'plain.ckpt'}")
+    refused = run_here(trained, "analyze", *TINY, no_se, f"--ckpt_path={tmp_path / 'plain.ckpt'}")
     assert refused.returncode == 1, refused.stderr[-3000:]
     assert "is a plain ResNet (se: false): it has no SE gates to analyze" in refused.stderr
     assert "Traceback" not in refused.stderr
     # With the SE recipe's explicit se: true, the conflict itself is named first.
-    conflict = run(trained, "analyze", *TINY, f"--ckpt_path={tmp_path / 'plain.ckpt'}")
+    conflict = run_here(trained, "analyze", *TINY, f"--ckpt_path={tmp_path / 'plain.ckpt'}")
     assert conflict.returncode == 1 and "--model.se True, but the checkpoint has False" in conflict.stderr
 
 
 def test_analyze_refuses_flip_tta(trained: Path) -> None:
     """The gates of the mirror images would overwrite those of the images themselves."""
-    result = run(trained, "analyze", *TINY, "--ckpt_path=last", "--model.test_hflip=true")
+    result = run_here(trained, "analyze", *TINY, "--ckpt_path=last", "--model.test_hflip=true")
     assert result.returncode == 1 and "leave out --model.test_hflip" in result.stderr, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
 
@@ -219,13 +219,13 @@ def test_resume_from_last_continues_the_same_run(tmp_path: Path) -> None:
     # Monitoring the epoch number in "min" mode makes epoch 0 the best for ever: last.ckpt must
     # still follow every later epoch (Lightning 2.6's save_last alone would leave it at epoch 0).
     never_improves = ["--checkpoint.monitor=epoch", "--checkpoint.mode=min"]
-    first = run(tmp_path, "fit", *TINY, *never_improves, "--trainer.max_epochs=2")
+    first = run_here(tmp_path, "fit", *TINY, *never_improves, "--trainer.max_epochs=2")
     assert first.returncode == 0, first.stderr[-3000:]
     checkpoints = tmp_path / "lightning_logs/mnist/version_0/checkpoints"
     assert torch.load(checkpoints / "last.ckpt", weights_only=True, map_location="cpu")["global_step"] == 6
     assert [p.name for p in checkpoints.glob("best-*")][0].startswith("best-epoch00")
 
-    resumed = run(tmp_path, "fit", *TINY, *never_improves, "--trainer.max_epochs=3", "--ckpt_path=last")
+    resumed = run_here(tmp_path, "fit", *TINY, *never_improves, "--trainer.max_epochs=3", "--ckpt_path=last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "--ckpt_path last resolved to lightning_logs/mnist/version_0/checkpoints/last.ckpt" in resumed.stderr
     runs = sorted(p.name for p in (tmp_path / "lightning_logs" / "mnist").iterdir())
@@ -267,7 +267,7 @@ def test_ckpt_path_auto_starts_fresh_then_resumes(tmp_path: Path) -> None:
 
 
 def test_missing_data_is_one_line_not_a_traceback(tmp_path: Path) -> None:
-    result = run(tmp_path, "fit", *TINY, "--data.data_dir=nowhere")
+    result = run_here(tmp_path, "fit", *TINY, "--data.data_dir=nowhere")
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -541,7 +541,7 @@ def test_a_nan_setting_in_a_yaml_file_is_refused(data_root: Path, tmp_path: Path
     ["--model.lr_scheduler=OneCycleLR", "--model.lr_scheduler.max_lr=0.05", "--model.lr_scheduler.anneal_strategy=linear",
      "--model.warmup_steps=0"],
     # LBFGS's step needs a closure: the check steps only the schedule
-    ["--model.optimizer=LBFGS", "--model.optimizer.lr=0.1", "--model.warmup_steps=0", "--trainer.precision=32-true",
+    ["--model.optimizer=LBFGS", "--model.optimizer.lr=0.1", "--model.optimizer.max_iter=1", "--model.warmup_steps=0", "--trainer.precision=32-true",
      "--model.channels_last=false"],
     # clipping an optimizer that is not fused, under the recipe's mixed precision
     ["--trainer.gradient_clip_val=0.5", "--model.optimizer.init_args.fused=false"],
@@ -686,7 +686,7 @@ def test_the_model_summary_shows_shapes_and_flops(trained: Path) -> None:
     out = (trained / "fit.out").read_text() + (trained / "fit.err").read_text()  # the summary is logged to stderr
     flops = next(line for line in out.splitlines() if line.rstrip().endswith("Total Flops"))
     assert float(flops.split()[0].replace(",", "")) > 0, flops
-    assert "[1, 1, 28, 28]" in out and "[1, 10]" in out  # In sizes / Out sizes of the model
+    assert "[1, 1, 8, 8]" in out and "[1, 10]" in out  # In sizes (resized to TINY's 8x8, as a batch is) / Out sizes
 
 
 def test_a_changed_precision_is_said_in_one_line(data_root: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
@@ -731,7 +731,7 @@ def test_evaluating_a_checkpoint_logs_into_its_run(trained: Path, tmp_path: Path
     before = sorted(p.name for p in run_dir.parent.iterdir())
     config = (run_dir / "config.yaml").read_text()
     for subcommand in ("test", "validate"):
-        result = run(tmp_path, subcommand, *TINY, "--ckpt_path=best")
+        result = run_here(tmp_path, subcommand, *TINY, "--ckpt_path=best")
         assert result.returncode == 0, result.stderr[-2000:]
         assert "logged to lightning_logs/mnist/version_0" in result.stdout
     assert sorted(p.name for p in run_dir.parent.iterdir()) == before  # no new version_N
@@ -750,21 +750,21 @@ def test_a_run_without_a_logger_keeps_its_checkpoints_and_writes_nothing_else(tm
     of that name in the working directory; the checkpoints go to ./checkpoints and resume from there."""
     make_dataset(tmp_path / "data")
     (tmp_path / "config.yaml").write_text("mine\n")
-    result = run(tmp_path, "fit", *TINY, "--trainer.max_epochs=1", "--trainer.logger=false")
+    result = run_here(tmp_path, "fit", *TINY, "--trainer.max_epochs=1", "--trainer.logger=false")
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "config.yaml").read_text() == "mine\n"
     assert not (tmp_path / "lightning_logs").exists()
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert "tensorboard" not in result.stdout and "--config config.yaml" not in result.stdout
-    resumed = run(tmp_path, "fit", *TINY, "--trainer.max_epochs=2", "--trainer.logger=false",
+    resumed = run_here(tmp_path, "fit", *TINY, "--trainer.max_epochs=2", "--trainer.logger=false",
                   "--ckpt_path=checkpoints/last.ckpt")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "fit done: 2 epoch(s), step 6 (3 in this run)" in resumed.stdout
     # a finished run resumed with nothing left to train: its steps are the checkpoint's, none of them this run's
-    again = run(tmp_path, "fit", *TINY, "--trainer.max_epochs=2", "--trainer.logger=false",
+    again = run_here(tmp_path, "fit", *TINY, "--trainer.max_epochs=2", "--trainer.logger=false",
                 "--ckpt_path=checkpoints/last.ckpt")
     assert again.returncode == 0 and "fit done: step 6 (0 in this run)" in again.stdout, again.stdout
-    tested = run(tmp_path, "test", *TINY, "--trainer.logger=false", "--ckpt_path=checkpoints/last.ckpt")
+    tested = run_here(tmp_path, "test", *TINY, "--trainer.logger=false", "--ckpt_path=checkpoints/last.ckpt")
     assert tested.returncode == 0 and "test/acc" in tested.stdout and "logged to" not in tested.stdout
 
 
@@ -774,7 +774,7 @@ def test_a_run_without_a_schedule_logs_its_rate_as_train_lr(tmp_path: Path, ever
     not Lightning's lr-SGD; one point at each logged step (log_every_n_steps: 1 or 2, Lightning's steps 1, 3, 5)
     and at each epoch's start (0, 3), never two at one step (Lightning's monitor logged both at step 3)."""
     make_dataset(tmp_path / "data")
-    result = run(tmp_path, "fit", *TINY, "--trainer.max_epochs=2", "--trainer.enable_checkpointing=false",
+    result = run_here(tmp_path, "fit", *TINY, "--trainer.max_epochs=2", "--trainer.enable_checkpointing=false",
                  "--model.lr_scheduler=null", "--model.warmup_steps=0", f"--trainer.log_every_n_steps={every}")
     assert result.returncode == 0, result.stderr[-3000:]
     curves = scalars(tmp_path / "lightning_logs" / "mnist" / "version_0")
@@ -787,7 +787,7 @@ def test_train_lr_has_one_point_per_logged_optimizer_step_when_accumulating(tmp_
     """With accumulate_grad_batches 2 both batches of an optimizer step see the same logged step: Lightning's
     monitor logged the rate at each of them, two points per step."""
     make_dataset(tmp_path / "data")
-    result = run(tmp_path, "fit", *TINY, "--trainer.max_epochs=2", "--trainer.enable_checkpointing=false",
+    result = run_here(tmp_path, "fit", *TINY, "--trainer.max_epochs=2", "--trainer.enable_checkpointing=false",
                  "--trainer.accumulate_grad_batches=2", "--trainer.log_every_n_steps=1")
     assert result.returncode == 0, result.stderr[-3000:]
     steps = [step for step, _ in scalars(tmp_path / "lightning_logs" / "mnist" / "version_0")["train/lr"]]
@@ -798,7 +798,7 @@ def test_a_run_without_checkpointing_writes_no_checkpoint(tmp_path: Path) -> Non
     """``--trainer.enable_checkpointing false`` trains without checkpoint files (Lightning refuses the flag
     beside the CLI's checkpoint callbacks); the TensorBoard run is still written."""
     make_dataset(tmp_path / "data")
-    result = run(tmp_path, "fit", *TINY, "--trainer.max_epochs=1", "--trainer.enable_checkpointing=false")
+    result = run_here(tmp_path, "fit", *TINY, "--trainer.max_epochs=1", "--trainer.enable_checkpointing=false")
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "lightning_logs" / "mnist" / "version_0"
     assert "train/lr" in scalars(run_dir) and (run_dir / "config.yaml").is_file()
@@ -812,11 +812,11 @@ def test_a_csv_logger_run_resumes_by_name_and_keeps_its_metrics(tmp_path: Path) 
     make_dataset(tmp_path / "data")
     csv_logger = [*TINY, "--trainer.logger=CSVLogger", "--trainer.logger.save_dir=csv"]
     never_improves = ["--checkpoint.monitor=epoch", "--checkpoint.mode=min"]  # epoch 0 stays the best for ever
-    assert run(tmp_path, "fit", *csv_logger, *never_improves, "--trainer.max_epochs=1").returncode == 0
+    assert run_here(tmp_path, "fit", *csv_logger, *never_improves, "--trainer.max_epochs=1").returncode == 0
     first = tmp_path / "csv" / "mnist" / "version_0"
     metrics = (first / "metrics.csv").read_text()
     assert "val/acc" in metrics
-    resumed = run(tmp_path, "fit", *csv_logger, *never_improves, "--trainer.max_epochs=2", "--ckpt_path=last")
+    resumed = run_here(tmp_path, "fit", *csv_logger, *never_improves, "--trainer.max_epochs=2", "--ckpt_path=last")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"--ckpt_path last resolved to {first.relative_to(tmp_path)}/checkpoints/last.ckpt" in resumed.stderr
     assert "fit done: 2 epoch(s), step 6 (3 in this run)" in resumed.stdout
@@ -825,11 +825,11 @@ def test_a_csv_logger_run_resumes_by_name_and_keeps_its_metrics(tmp_path: Path) 
     assert torch.load(first / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 6
     assert f"best checkpoint (epoch 0.0000): {first.relative_to(tmp_path)}/checkpoints/best-epoch00" in resumed.stdout
     assert "metrics.csv" in {p.name for p in (tmp_path / "csv/mnist/version_1").iterdir()}  # the resumed piece's
-    tested = run(tmp_path, "test", *csv_logger, "--ckpt_path=best")
+    tested = run_here(tmp_path, "test", *csv_logger, "--ckpt_path=best")
     assert tested.returncode == 0 and "test/acc" in tested.stdout, tested.stderr[-2000:]
     assert (first / "metrics.csv").read_text() == metrics  # the first run's record is intact
     # ... also when the run's folder is named: Lightning's CSV logger deletes the metrics.csv of a folder it logs into
-    named = run(tmp_path, "test", *csv_logger, "--trainer.logger.init_args.version=0", "--ckpt_path=best")
+    named = run_here(tmp_path, "test", *csv_logger, "--trainer.logger.init_args.version=0", "--ckpt_path=best")
     assert named.returncode == 1 and "csv/mnist/version_0 holds the metrics.csv of another command" in named.stderr
     assert (first / "metrics.csv").read_text() == metrics
 

@@ -111,7 +111,7 @@ def test_ddp_three_processes_every_sample_once_then_resume_with_one(tmp_path: Pa
         images, labels = synthetic_split(n, seed)
         write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
-    common = [*FULL_EPOCHS, f"--data.batch_size={BATCH_3}", f"--data.val_size={VAL_3}", "--data.image_size=8",
+    common = [*FULL_EPOCHS, f"--data.batch_size={BATCH_3}", f"--data.val_size={VAL_3}",
               "--trainer.precision=32-true", "--trainer.limit_val_batches=1.0", "--trainer.num_sanity_val_steps=0",
               "--trainer.max_epochs=2", "--trainer.callbacks+=ddp_probe.ShardRecorder"]
     # 2 steps an epoch per process: stop 1 step into the second epoch, with last.ckpt written every step

@@ -47,12 +47,13 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"cwd": cwd, "best": best, "printed": printed}
 
 
-def reference_logits(ckpt: Path, images: torch.Tensor, image_size: int = 28) -> np.ndarray:
-    """The PyTorch model of a checkpoint on uint8 images, through the data module's test-time transform."""
+def reference_logits(ckpt: Path, images: torch.Tensor) -> np.ndarray:
+    """The PyTorch model of a checkpoint on uint8 images, through the data module's test-time transform at the
+    checkpoint's image size."""
     model = SEResNet(18, "cifar", 1, 10).eval()
     weights = load_checkpoint(ckpt)["state_dict"]
     model.load_state_dict({k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")})
-    dm = MNISTDataModule(image_size=image_size)
+    dm = MNISTDataModule(image_size=load_checkpoint(ckpt)["datamodule_hyper_parameters"]["image_size"])
     with torch.no_grad():
         return model(dm.transform_batch(images, training=False)).numpy()
 
@@ -77,7 +78,8 @@ def test_onnx_takes_uint8_with_any_batch_and_carries_its_metadata(exported: dict
     assert inp.type == "tensor(uint8)" and inp.shape[1:] == [1, 28, 28] and not isinstance(inp.shape[0], int)
     meta = json.loads({p.key: p.value for p in onnx.load(str(path)).metadata_props}[METADATA_KEY])
     assert meta["format"] == MARKER and meta["dataset"] == "mnist" and meta["class_names"][7] == "7 - seven"
-    assert meta["image_size"] == 28 and meta["input_size"] == [1, 28, 28]
+    # 28x28 images in, resized in the graph to the size the model was trained at (TINY's 8x8)
+    assert meta["image_size"] == 8 and meta["input_size"] == [1, 28, 28]
     assert meta["normalization"]["mean"] == 0.1307 and meta["normalization"]["std"] == 0.3081
     assert meta["architecture"]["se"] is True and meta["senet_pl_version"]
     assert meta["val_acc"] == pytest.approx(float(exported["best"].stem.split("acc")[1]), abs=1e-4)

@@ -10,13 +10,17 @@ from pathlib import Path
 import lightning.pytorch as L
 import pytest
 import torch
-from conftest import FULL_EPOCHS, N_TEST, REPO, TINY, cli, make_dataset
+from conftest import FULL_EPOCHS, N_TEST, REPO, SMALL, TINY, cli, make_dataset
 from test_ddp import run_ddp
 from test_precision import overflowing_step_is_skipped
 
 from senet_pl.checkpoints import load_checkpoint
 from senet_pl.data import MNISTDataModule
 from senet_pl.data.transforms import transform_batch
+
+# The native 28x28, not the CPU suite's 8x8: these tests check the kernels a real run uses, and cost seconds on a GPU.
+TINY = [a for a in TINY if a != SMALL]
+FULL_EPOCHS = [a for a in FULL_EPOCHS if a != SMALL]
 
 pytestmark = pytest.mark.gpu
 

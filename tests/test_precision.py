@@ -135,7 +135,7 @@ def test_input_dtype_is_what_the_first_layer_computes_in(precision: object, dtyp
 
 WEIGHTS = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
 SHORT = [*TINY, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
-         "--trainer.limit_test_batches=1", "--trainer.num_sanity_val_steps=0", "--data.image_size=8"]
+         "--trainer.limit_test_batches=1", "--trainer.num_sanity_val_steps=0"]
 
 
 @pytest.mark.slow

@@ -155,7 +155,7 @@ def test_fits_accepts_plain_values_of_the_declared_type_only(value, annotation, 
         (["--model.reduction=8"], "--model.reduction 8, but the checkpoint has 16"),
         (["--model.stem=imagenet", "--data.image_size=32"], "--model.stem imagenet, but the checkpoint has cifar"),
         (["--data.dataset=fashion_mnist"], "--data.dataset fashion_mnist, but the checkpoint has mnist"),
-        (["--data.image_size=32"], "--data.image_size 32, but the checkpoint has 28"),
+        (["--data.image_size=32"], "--data.image_size 32, but the checkpoint has 8"),
         (["--data.val_size=24"], "--data.val_size 24, but the checkpoint has 16"),
         (["--data.split_seed=1"], "--data.split_seed 1, but the checkpoint has 42"),
         (["--model.warmup_steps=5"], "--model.warmup_steps 5, but the checkpoint has 100"),
@@ -262,8 +262,8 @@ def test_evaluating_at_another_size_or_dataset_is_refused(run_copy: Path, tmp_pa
     ckpt = load_checkpoint(run_copy)
     ckpt["datamodule_hyper_parameters"]["image_size"] = 32  # a model trained at 32x32
     torch.save(ckpt, tmp_path / "at32.ckpt")
-    message = cli(subcommand, *TINY, f"--ckpt_path={tmp_path / 'at32.ckpt'}")  # the recipe says 28
-    assert message is not None and "--data.image_size 28, but the checkpoint has 32" in message, message
+    message = cli(subcommand, *TINY, f"--ckpt_path={tmp_path / 'at32.ckpt'}")  # TINY says 8
+    assert message is not None and "--data.image_size 8, but the checkpoint has 32" in message, message
     message = cli(subcommand, *TINY, "--ckpt_path=last", "--data.dataset=kmnist")
     assert message is not None and "--data.dataset kmnist, but the checkpoint has mnist" in message, message
 
