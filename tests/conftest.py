@@ -178,7 +178,8 @@ def run_here(cwd: Path, *args: str) -> subprocess.CompletedProcess:
             err.write(exit_.code + "\n")
     finally:
         os.chdir(previous)
-    return subprocess.CompletedProcess(["python", "-m", "senet_pl", *args], code, out.getvalue(), err.getvalue())
+    command = ["python", "-m", "senet_pl", *args]
+    return subprocess.CompletedProcess(command, code, out.getvalue(), err.getvalue())
 
 
 # -- image files, for predict_dir ------------------------------------------------------------------
