@@ -51,9 +51,10 @@ def reference_logits(ckpt: Path, images: torch.Tensor) -> np.ndarray:
     """The PyTorch model of a checkpoint on uint8 images, through the data module's test-time transform at the
     checkpoint's image size."""
     model = SEResNet(18, "cifar", 1, 10).eval()
-    weights = load_checkpoint(ckpt)["state_dict"]
+    checkpoint = load_checkpoint(ckpt)
+    weights = checkpoint["state_dict"]
     model.load_state_dict({k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")})
-    dm = MNISTDataModule(image_size=load_checkpoint(ckpt)["datamodule_hyper_parameters"]["image_size"])
+    dm = MNISTDataModule(image_size=checkpoint["datamodule_hyper_parameters"]["image_size"])
     with torch.no_grad():
         return model(dm.transform_batch(images, training=False)).numpy()
 
