@@ -96,6 +96,7 @@ SLOW_MODULES = {"test_checkpoints", "test_ddp", "test_bench", "test_study", "tes
 # 15 minutes; their unit tests stay in. `pytest -m tools` runs them.
 TOOLS = {"test_bench_prints_every_row", "test_bench_inference_rows", "test_the_whole_campaign_writes_measured_results",
          "test_budgets_failures_and_no_time_left", "test_sigterm_stops_the_running_part_and_writes_what_was_measured",
+         "test_a_test_that_fails_after_fit_keeps_the_training_record",
          "test_study_runs_every_model_and_seed_and_writes_the_table"}
 
 

@@ -15,8 +15,9 @@ from conftest import REPO, make_dataset, scalars
 
 from senet_pl.model import SEResNet
 from senet_pl.tools.campaign import PARTS, campaign
+from senet_pl.tools.campaign_parts import tta_outcome
 from senet_pl.tools.campaign_report import goals, pytest_counts, pytest_failures
-from senet_pl.tools.process import run_process
+from senet_pl.tools.process import Finished, run_process
 
 TINY_RUN = ["--data.val_size=16", "--data.batch_size=8", "--trainer.limit_train_batches=2",
             "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1"]
@@ -159,6 +160,46 @@ def test_sigterm_stops_the_running_part_and_writes_what_was_measured(tmp_path: P
     assert all(summary["parts"][n] == {"status": "skipped", "note": "SIGTERM"} for n in PARTS[1:4])
     assert summary["parts"]["study"] == {"status": "skipped", "note": "not asked for"}  # by default: only when named
 
+
+
+@pytest.mark.slow
+def test_a_test_that_fails_after_fit_keeps_the_training_record(tmp_path: Path, one_thread: None) -> None:
+    """A GPU call is one try: when the test after a long fit fails or runs out of time, fit's figures (epochs,
+    val/acc after each validation) are still in the results, and the part is not counted as done. Here the test
+    fails by a limit that only the test command refuses."""
+    make_dataset(tmp_path / "data", folder="FashionMNIST", compress=True)
+    o = _tiny(tmp_path)
+    campaign(**o | {"parts": ["fashion_mnist"], "fashion_mnist_args": [*TINY_RUN, "--trainer.limit_test_batches=0"]})
+    r = json.loads((tmp_path / "out" / "fashion_mnist.json").read_text())
+    assert r["status"] == "failed" and r["error"].startswith("the test after fit exited with status 1")
+    assert "test would evaluate nothing" in r["output_tail"] and "test_acc" not in r  # the CLI's refusal
+    assert (r["epochs"], r["steps"], r["stopped_early"]) == (1, 2, False) and len(r["val_acc_per_validation"]) == 1
+    md = (tmp_path / "out" / "campaign.md").read_text()
+    assert "| fashion_mnist | failed | - |" in md and f"- fashion_mnist: {r['val_acc_per_validation'][0]:.4f}" in md
+    verdicts = {g["goal"].split(":")[0]: g["verdict"] for g in json.loads((tmp_path / "out" / "campaign.json").read_text())["goals"]}
+    assert verdicts["Fashion-MNIST"] == "not measured"
+
+
+def test_a_written_test_accuracy_counts_and_fits_figures_outlive_a_cut_test(tmp_path: Path) -> None:
+    """tta.py writes fit's figures when fit ends, then the whole result; what the part makes of each case."""
+    path = tmp_path / "result.json"
+    fit = {"epochs": 30, "steps": 3_000, "val_acc_per_validation": [0.9, 0.95], "fit_seconds": 500.0}
+    cut = Finished(None, "", "Epoch 29 ...", 545.0, timed_out=True)
+
+    nothing = tta_outcome(cut, path, epochs=30)  # ended before fit did: nothing kept, a timeout
+    assert nothing["status"] == "timeout" and "the fit/test process did not finish" in nothing["error"]
+    assert "epochs" not in nothing
+
+    path.write_text(json.dumps(fit | {"epochs": 28}))  # the test ran out of time after fit stopped at max_time
+    r = tta_outcome(cut, path, epochs=30)
+    assert r["status"] == "timeout" and "the test after fit did not finish" in r["error"] and "test_acc" not in r
+    assert r["val_acc_per_validation"] == [0.9, 0.95] and r["stopped_early"] is True
+
+    path.write_text(json.dumps(fit | {"test_acc": 0.961}))  # the accuracy was written, the process ended on its way out
+    r = tta_outcome(cut, path, epochs=30)
+    assert (r["status"], r["test_acc"], r["stopped_early"]) == ("done", 0.961, False) and "after writing its result" in r["note"]
+    r = tta_outcome(Finished(0, "", "", 540.0, timed_out=False), path, epochs=30)
+    assert (r["status"], r["process_seconds"]) == ("done", 540.0) and "note" not in r
 
 def test_pytest_counts_read_the_closing_line() -> None:
     assert pytest_counts("...\n1 failed, 2 passed, 1 error, 290 deselected in 3.21s\n")["error"] == 1

@@ -3,10 +3,11 @@ campaign's settings, runs its child processes within the budget, and returns its
 
 import json
 import time
+from pathlib import Path
 
 from senet_pl.tools.bench import _run_case
 from senet_pl.tools.campaign_report import Campaign, pytest_counts, pytest_failures
-from senet_pl.tools.process import REPO, run_process
+from senet_pl.tools.process import REPO, Finished, run_process
 
 TAIL = 3000  # characters of a failed child's output kept in the results
 
@@ -117,14 +118,27 @@ def part_tta(c: Campaign, budget: float, s: dict, name: str) -> dict:
         path.unlink(missing_ok=True)
         command = ["python", "-m", "senet_pl.tools.tta", f"--args={json.dumps(tried)}", f"--out={path}"]
         finished = run_process(command, timeout=max(ends - time.monotonic(), 1), cwd=c.work)
-        if finished.returncode == 0 and path.exists():
-            result = json.loads(path.read_text()) | {"status": "done", "process_seconds": finished.seconds}
-            result["stopped_early"] = result["epochs"] < epochs  # by --trainer.max_time
+        result = tta_outcome(finished, path, epochs)
+        if result["status"] == "done":
             return result | ({"compile_error": errors[0]} if errors else {})
-        errors.append(_failure(finished, "the fit/test process"))
+        errors.append(result)
         if finished.timed_out:
             break
-    return errors[-1] | {"args": args, "compile_error": errors[0] if len(errors) > 1 else None}
+    return {"args": args} | errors[-1] | {"compile_error": errors[0] if len(errors) > 1 else None}
+
+
+def tta_outcome(finished: Finished, path: Path, epochs: int) -> dict:
+    """A time-to-accuracy process's result: ``tta.py`` writes fit's figures to ``path`` when fit ends and the whole
+    result (``test_acc``) when the test ends. A test accuracy written counts, even if the process was then ended
+    at its limit on its way out; a process that failed or ran out of time after fit keeps fit's figures."""
+    kept = json.loads(path.read_text()) if path.exists() else {}
+    if "epochs" in kept:
+        kept["stopped_early"] = kept["epochs"] < epochs  # by --trainer.max_time
+    if "test_acc" in kept:
+        late = finished.timed_out or finished.returncode != 0
+        note = {"note": f"the process was ended or failed after writing its result ({finished.seconds:.0f} s)"}
+        return kept | {"status": "done", "process_seconds": finished.seconds} | (note if late else {})
+    return kept | _failure(finished, "the fit/test process" if not kept else "the test after fit")
 
 
 def part_study(c: Campaign, budget: float, s: dict) -> dict:

@@ -71,10 +71,11 @@ def commands(args: list[str]) -> list[str]:
 
 def tta(args: list[str] = [], out: str | None = None) -> dict:
     """Train with ``fit ARGS``, test the final weights with ``test ARGS --ckpt_path last``; print (and write) the result.
+    ``out`` gets fit's figures as soon as fit ends, then the whole result (with ``test_acc``) after the test.
 
     Args:
         args: the CLI options of both commands, e.g. ["--config=configs/mnist.yaml", "--trainer.max_epochs=20"].
-        out: JSON file for the result (it is printed as one JSON line either way).
+        out: JSON file for the result (it is printed as one JSON line either way when the test ends).
     """
     quiet()
     started = time.perf_counter()
@@ -82,17 +83,13 @@ def tta(args: list[str] = [], out: str | None = None) -> dict:
     fit_command = time.perf_counter() - started
     trainer, summary = fit.trainer, fit.summary
     val = trainer.callback_metrics.get("val/acc")
-    test_started = time.perf_counter()
-    test = _cli(["test", *args, "--ckpt_path", "last"])
     result = {
         "commands": commands(args),
         "args": args,
-        "test_acc": float(test.trainer.callback_metrics["test/acc"]),
         "val_acc": float(val) if val is not None else None,
         "val_acc_per_validation": fit.history.val_acc,
         "fit_seconds": summary.seconds,
         "fit_command_seconds": fit_command,
-        "test_command_seconds": time.perf_counter() - test_started,
         "checkpoint_seconds": fit.checkpoint_seconds,
         "epochs": trainer.current_epoch,
         "max_epochs": trainer.max_epochs,
@@ -101,11 +98,23 @@ def tta(args: list[str] = [], out: str | None = None) -> dict:
         "precision": str(trainer.precision),
         "device": str(trainer.strategy.root_device),
     }
-    line = json.dumps(result)
-    if out:
-        Path(out).write_text(line + "\n")
-    print(line)
+    # fit's figures first: a test that runs out of its budget (or fails) still leaves the training's record
+    _write(out, result)
+    test_started = time.perf_counter()
+    test = _cli(["test", *args, "--ckpt_path", "last"])
+    result |= {"test_acc": float(test.trainer.callback_metrics["test/acc"]),
+               "test_command_seconds": time.perf_counter() - test_started}
+    _write(out, result)
+    print(json.dumps(result))
     return result
+
+
+def _write(out: str | None, result: dict) -> None:
+    """The result as one JSON line, written whole (a process ended mid-write leaves the previous file)."""
+    if out:
+        partial = Path(out).with_name(Path(out).name + ".partial")
+        partial.write_text(json.dumps(result) + "\n")
+        partial.replace(out)
 
 
 if __name__ == "__main__":
