@@ -176,7 +176,8 @@ def test_a_test_that_fails_after_fit_keeps_the_training_record(tmp_path: Path, o
     assert (r["epochs"], r["steps"], r["stopped_early"]) == (1, 2, False) and len(r["val_acc_per_validation"]) == 1
     md = (tmp_path / "out" / "campaign.md").read_text()
     assert "| fashion_mnist | failed | - |" in md and f"- fashion_mnist: {r['val_acc_per_validation'][0]:.4f}" in md
-    verdicts = {g["goal"].split(":")[0]: g["verdict"] for g in json.loads((tmp_path / "out" / "campaign.json").read_text())["goals"]}
+    summary = json.loads((tmp_path / "out" / "campaign.json").read_text())
+    verdicts = {g["goal"].split(":")[0]: g["verdict"] for g in summary["goals"]}
     assert verdicts["Fashion-MNIST"] == "not measured"
 
 
