@@ -29,15 +29,23 @@ def misclassified_figure(images: torch.Tensor, true: list[str], predicted: list[
         return figure
     cols = min(n, 8)
     rows = math.ceil(n / cols)
-    # Fixed margins, not layout="constrained": for 32 images that took 1.5 s of a validation on a 2-core CPU,
-    # these 0.7 s. Each cell is 1.5 x 1.7 in: the image and, in the top 0.3 in, its title.
-    figure = Figure(figsize=(1.5 * cols, 1.7 * rows))
-    figure.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.3 / (1.7 * rows), wspace=0.1, hspace=0.3)
+    # One axes for the whole grid, each image placed by its extent and titled by a text: an axes per image
+    # (a subplot grid) drew 32 images in 0.6 s on a 2-core CPU, at every validation; this takes a third of that.
+    # In axes units an image is 1 wide; a cell adds 0.1 between columns and 0.25 for the title above the image,
+    # and 1.35 in per unit makes a cell 1.5 x 1.7 in, wide enough for "T-shirt/top -> Ankle boot" at 8 pt.
+    width, gap, band, inch = 1.0, 0.1, 0.25, 1.35
+    height = width * images.shape[-2] / images.shape[-1]
+    figure = Figure(figsize=(inch * cols * (width + gap), inch * rows * (height + band)))
+    ax = figure.add_axes((0, 0, 1, 1))
+    ax.set_axis_off()
     for i in range(n):
-        ax = figure.add_subplot(rows, cols, i + 1)
-        ax.set_axis_off()
-        ax.imshow(images[i, 0].float().cpu().numpy(), cmap="gray")
-        ax.set_title(f"{true[i]} -> {predicted[i]}", fontsize=8)
+        x, y = (i % cols) * (width + gap) + gap / 2, (i // cols) * (height + band) + band
+        # imshow scales each image to its own minimum and maximum, as a subplot of its own did
+        ax.imshow(images[i, 0].float().cpu().numpy(), cmap="gray", extent=(x, x + width, y + height, y))
+        ax.text(x + width / 2, y - band / 8, f"{true[i]} -> {predicted[i]}", ha="center", va="bottom", fontsize=8)
+    ax.set_xlim(0, cols * (width + gap))
+    ax.set_ylim(rows * (height + band), 0)
+    ax.set_aspect("auto")
     return figure
 
 

@@ -24,8 +24,15 @@ def test_confusion_matrix_figure_has_a_cell_per_class_pair() -> None:
 
 
 def test_misclassified_figure_titles_true_and_predicted() -> None:
-    figure = misclassified_figure(torch.rand(3, 1, 28, 28), ["1", "2", "3"], ["7", "5", "8"])
-    assert [ax.get_title() for ax in figure.axes] == ["1 -> 7", "2 -> 5", "3 -> 8"]
+    images = torch.rand(3, 1, 28, 28) * torch.tensor([1.0, 5.0, 0.1]).view(3, 1, 1, 1)
+    figure = misclassified_figure(images, ["1", "2", "3"], ["7", "5", "8"])
+    (ax,) = figure.axes
+    assert [t.get_text() for t in ax.texts] == ["1 -> 7", "2 -> 5", "3 -> 8"]
+    # each image shown as it is, scaled to its own range (not the batch's), left to right
+    for image, shown in zip(images, ax.images):
+        assert torch.equal(torch.from_numpy(shown.get_array().data), image[0])
+        assert (shown.norm.vmin, shown.norm.vmax) == pytest.approx((image.min().item(), image.max().item()))
+    assert [shown.get_extent()[0] for shown in ax.images] == sorted(shown.get_extent()[0] for shown in ax.images)
 
 
 @pytest.mark.parametrize("n", [0, 3, 32])
@@ -36,12 +43,16 @@ def test_misclassified_figure_shows_every_word(n: int) -> None:
     true, predicted = [long[i % 2] for i in range(n)], [long[(i + 1) % 2] for i in range(n)]
     figure = misclassified_figure(torch.rand(n, 1, 28, 28), true, predicted)
     renderer = FigureCanvasAgg(figure).get_renderer()
-    texts = [ax.title for ax in figure.axes] + figure.texts
+    texts = [t for ax in figure.axes for t in ax.texts] + figure.texts
     assert len(texts) == max(n, 1) and all(t.get_text() for t in texts)
     box = figure.bbox
-    for text in texts:
-        extent = text.get_window_extent(renderer)
+    extents = [text.get_window_extent(renderer) for text in texts]
+    for text, extent in zip(texts, extents):
         assert box.x0 <= extent.x0 and extent.x1 <= box.x1 and box.y0 <= extent.y0 and extent.y1 <= box.y1, text.get_text()
+    # no title runs into another one or into an image
+    images = [image.get_window_extent(renderer) for ax in figure.axes for image in ax.images]
+    for i, extent in enumerate(extents):
+        assert not any(extent.overlaps(other) for other in extents[i + 1:] + images), texts[i].get_text()
 
 
 def test_excitation_figure_has_a_panel_per_block_and_a_line_per_class() -> None:
