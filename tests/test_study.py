@@ -1,9 +1,13 @@
 """The study script runs end to end with tiny settings and writes its table."""
 
+import contextlib
+import io
 import json
 import os
+import runpy
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -81,8 +85,7 @@ def test_a_study_over_its_budget_stops_between_runs_with_every_model(tmp_path: P
 ])
 def test_a_tools_bad_option_is_one_line_and_a_pointer_to_help(tool: str, args: list[str], expected: str) -> None:
     """As python -m senet_pl: not jsonargparse's usage page followed by its nested report of every type tried."""
-    result = subprocess.run([sys.executable, "-m", f"senet_pl.tools.{tool}", *args], capture_output=True, text=True,
-                            timeout=120)
+    result = _run_tool(tool, *args)
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         f"tip: For details of accepted options run: python -m senet_pl.tools.{tool} --help", expected]
@@ -90,7 +93,24 @@ def test_a_tools_bad_option_is_one_line_and_a_pointer_to_help(tool: str, args: l
 
 def test_a_tools_help_is_its_own() -> None:
     """Its name as typed and its docstring, not the Lightning CLI's description."""
-    result = subprocess.run([sys.executable, "-m", "senet_pl.tools.study", "--help"], capture_output=True, text=True,
-                            timeout=120)
+    result = _run_tool("study", "--help")
     assert result.returncode == 0 and result.stdout.startswith("usage: python -m senet_pl.tools.study ")
     assert "Train ResNet and SE-ResNets" in result.stdout and "Lightning" not in result.stdout
+
+
+def _run_tool(tool: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -m senet_pl.tools.TOOL ARGS`` in this process, as runpy runs it for ``-m`` (``__main__`` is the
+    tool's module, so the tool names itself as typed): the same exit code and output without a process's seconds
+    of importing torch and Lightning. The options are parsed before any work, so nothing else runs."""
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    argv, sys.argv = sys.argv, [f"senet_pl.tools.{tool}", *args]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # runpy: the module was imported before (by this file)
+            runpy.run_module(f"senet_pl.tools.{tool}", run_name="__main__", alter_sys=True)
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 0 if exit_.code is None else 1
+    finally:
+        sys.argv = argv
+    return subprocess.CompletedProcess([sys.executable, "-m", f"senet_pl.tools.{tool}", *args], code,
+                                       out.getvalue(), err.getvalue())
