@@ -9,12 +9,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import REPO, make_dataset, scalars
 
 from senet_pl.model import SEResNet
 from senet_pl.tools.campaign import PARTS, campaign
+from senet_pl.tools import campaign_parts
 from senet_pl.tools.campaign_parts import tta_outcome
 from senet_pl.tools.campaign_report import goals, pytest_counts, pytest_failures
 from senet_pl.tools.process import Finished, run_process
@@ -161,7 +163,6 @@ def test_sigterm_stops_the_running_part_and_writes_what_was_measured(tmp_path: P
     assert summary["parts"]["study"] == {"status": "skipped", "note": "not asked for"}  # by default: only when named
 
 
-
 @pytest.mark.slow
 def test_a_test_that_fails_after_fit_keeps_the_training_record(tmp_path: Path, one_thread: None) -> None:
     """A GPU call is one try: when the test after a long fit fails or runs out of time, fit's figures (epochs,
@@ -201,6 +202,43 @@ def test_a_written_test_accuracy_counts_and_fits_figures_outlive_a_cut_test(tmp_
     assert (r["status"], r["test_acc"], r["stopped_early"]) == ("done", 0.961, False) and "after writing its result" in r["note"]
     r = tta_outcome(Finished(0, "", "", 540.0, timed_out=False), path, epochs=30)
     assert (r["status"], r["process_seconds"]) == ("done", 540.0) and "note" not in r
+
+
+@pytest.mark.parametrize("case", ["fit ended, test failed", "failed before fit ended", "SIGTERM after fit"])
+def test_compile_retries_only_a_fit_that_did_not_end_and_sigterm_keeps_fits_figures(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str) -> None:
+    """With --compile true, the part tries the run compiled, then plain; a plain retry would replace a fit that had
+    ended, so it retries only one that had not. The children are stand-ins: they write what tta.py writes."""
+    fit = {"epochs": 30, "steps": 3_000, "val_acc_per_validation": [0.95], "fit_seconds": 400.0}
+    tries = []
+
+    def child(command: list[str], timeout: float, cwd: Path) -> Finished:
+        tries.append(command)
+        out = Path(command[-1].removeprefix("--out="))
+        if case != "failed before fit ended" or len(tries) == 2:
+            out.write_text(json.dumps(fit | ({"test_acc": 0.96} if len(tries) == 2 else {})))
+        if case == "SIGTERM after fit":
+            raise campaign_parts.Stopped()
+        return Finished(0 if len(tries) == 2 else 1, "", "Traceback ...", 450.0, timed_out=False)
+
+    monkeypatch.setattr(campaign_parts, "run_process", child)
+    c = SimpleNamespace(work=tmp_path, current={})
+    settings = {"fashion_mnist_epochs": 30, "fashion_mnist_args": [], "tta_reserve_s": 30, "data_dir": "data",
+                "compile": True}
+    if case == "SIGTERM after fit":  # the campaign then records c.current as the part's result
+        with pytest.raises(campaign_parts.Stopped):
+            campaign_parts.part_tta(c, 545, settings, "fashion_mnist")
+        assert c.current == fit | {"stopped_early": False} and len(tries) == 1
+        return
+    r = campaign_parts.part_tta(c, 545, settings, "fashion_mnist")
+    assert "--model.compile=true" in json.loads(tries[0][3].removeprefix("--args="))
+    if case == "fit ended, test failed":
+        assert len(tries) == 1 and r["status"] == "failed" and r["error"].startswith("the test after fit exited")
+        assert r["val_acc_per_validation"] == [0.95] and r["compile_error"] is None
+    else:  # compiling failed before training ended: the plain run is measured
+        assert len(tries) == 2 and "--model.compile=true" not in json.loads(tries[1][3].removeprefix("--args="))
+        assert r["status"] == "done" and r["test_acc"] == 0.96
+        assert r["compile_error"]["error"].startswith("the fit/test process exited with status 1")
 
 def test_pytest_counts_read_the_closing_line() -> None:
     assert pytest_counts("...\n1 failed, 2 passed, 1 error, 290 deselected in 3.21s\n")["error"] == 1

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import lightning.pytorch as L
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -33,6 +34,22 @@ def test_misclassified_figure_titles_true_and_predicted() -> None:
         assert torch.equal(torch.from_numpy(shown.get_array().data), image[0])
         assert (shown.norm.vmin, shown.norm.vmax) == pytest.approx((image.min().item(), image.max().item()))
     assert [shown.get_extent()[0] for shown in ax.images] == sorted(shown.get_extent()[0] for shown in ax.images)
+
+
+def test_misclassified_figure_shows_images_the_right_way_up() -> None:
+    """Rendered pixels: an image with a bright top-left quadrant shows it at the top left of its cell."""
+    image = torch.zeros(1, 1, 28, 28)
+    image[..., :14, :14] = 1
+    figure = misclassified_figure(torch.cat([image, torch.rand(2, 1, 28, 28)]), ["1", "2", "3"], ["7", "5", "8"])
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    pixels = torch.from_numpy(np.asarray(canvas.buffer_rgba())[..., 0].copy()).float()
+    box = figure.axes[0].images[0].get_window_extent(canvas.get_renderer())
+    top = int(figure.bbox.height - box.y1)  # display y grows upwards, rows downwards
+    cell = pixels[top:top + int(box.height), int(box.x0):int(box.x0) + int(box.width)]
+    h, w = cell.shape[0] // 2, cell.shape[1] // 2
+    quadrants = [cell[:h, :w].mean(), cell[:h, w:].mean(), cell[h:, :w].mean(), cell[h:, w:].mean()]
+    assert quadrants[0] > 200 and max(quadrants[1:]) < 60
 
 
 @pytest.mark.parametrize("n", [0, 3, 32])

@@ -117,23 +117,35 @@ def part_tta(c: Campaign, budget: float, s: dict, name: str) -> dict:
         path = c.work / f"{name}.result.json"
         path.unlink(missing_ok=True)
         command = ["python", "-m", "senet_pl.tools.tta", f"--args={json.dumps(tried)}", f"--out={path}"]
-        finished = run_process(command, timeout=max(ends - time.monotonic(), 1), cwd=c.work)
+        try:
+            finished = run_process(command, timeout=max(ends - time.monotonic(), 1), cwd=c.work)
+        except Stopped:  # SIGTERM: the campaign records what the child had written as this part's result
+            c.current = _written(path, epochs)
+            raise
         result = tta_outcome(finished, path, epochs)
         if result["status"] == "done":
             return result | ({"compile_error": errors[0]} if errors else {})
         errors.append(result)
-        if finished.timed_out:
+        # no second try without --model.compile after a timeout, or once fit had ended (the compiled model trained:
+        # the failure came after it, and a second fit would replace the one measured)
+        if finished.timed_out or "epochs" in result:
             break
     return {"args": args} | errors[-1] | {"compile_error": errors[0] if len(errors) > 1 else None}
+
+
+def _written(path: Path, epochs: int) -> dict:
+    """What ``tta.py`` wrote: nothing, fit's figures, or the whole result."""
+    kept = json.loads(path.read_text()) if path.exists() else {}
+    if "epochs" in kept:
+        kept["stopped_early"] = kept["epochs"] < epochs  # by --trainer.max_time
+    return kept
 
 
 def tta_outcome(finished: Finished, path: Path, epochs: int) -> dict:
     """A time-to-accuracy process's result: ``tta.py`` writes fit's figures to ``path`` when fit ends and the whole
     result (``test_acc``) when the test ends. A test accuracy written counts, even if the process was then ended
     at its limit on its way out; a process that failed or ran out of time after fit keeps fit's figures."""
-    kept = json.loads(path.read_text()) if path.exists() else {}
-    if "epochs" in kept:
-        kept["stopped_early"] = kept["epochs"] < epochs  # by --trainer.max_time
+    kept = _written(path, epochs)
     if "test_acc" in kept:
         late = finished.timed_out or finished.returncode != 0
         note = {"note": f"the process was ended or failed after writing its result ({finished.seconds:.0f} s)"}
