@@ -28,6 +28,7 @@ import lightning.pytorch as L
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
@@ -140,6 +141,12 @@ class SENetCLI(LightningCLIHooks):
         if isinstance(logger, Namespace) and logger.class_path.endswith(RUN_LOGGERS):
             return Path(logger.init_args.save_dir) / (logger.init_args.name or "")
         return None
+
+    def _run_folder(self) -> Path | None:
+        """This command's run folder (its logger's version_N), asked of the logger itself: trainer.log_dir would be
+        a collective under DDP, and this runs on the first process alone."""
+        logger = getattr(self, "trainer", None) and self.trainer.logger
+        return Path(logger.log_dir) if isinstance(logger, (TensorBoardLogger, CSVLogger)) else None
 
     def reconcile_checkpoint(self) -> None:
         """Resolve ``--ckpt_path last|best|auto``, check the checkpoint, and reconcile it with the config.
@@ -273,7 +280,7 @@ class SENetCLI(LightningCLIHooks):
         except BaseException as err:
             start = self.graceful_stop.start_step  # None: training never started
             no_step = subcommand != "fit" or start is None or self.trainer.global_step == start  # only fit trains
-            removed = new_folders.remove() if no_step and self.trainer.is_global_zero else []
+            removed = new_folders.remove(self._run_folder()) if no_step and self.trainer.is_global_zero else []
             if evaluated is not None and self.trainer.is_global_zero:  # the trained run's folder, as it was
                 evaluated.restore()
             # A second Ctrl-C: a KeyboardInterrupt, which Lightning's own handling turns into exit status 1.

@@ -54,14 +54,15 @@ class NewRunFolders:
         # root and those of its parents that do not exist yet, deepest first: the command makes them
         self.missing = [p for p in (root, *root.parents) if not p.exists()] if root is not None else []
 
-    def remove(self) -> list[Path]:
-        """Remove the new run folders that hold no checkpoint (returns them), then the folders above them that the
-        command made and left empty (no empty lightning_logs/<name>/ after a refused run)."""
-        if self.root is None or not self.root.is_dir():
+    def remove(self, own: Path | None) -> list[Path]:
+        """Remove the command's own run folder ``own`` if it is new and holds no checkpoint (returns it), then the
+        folders above it that the command made and left empty (no empty lightning_logs/<name>/ after a refused run).
+        Other new folders are left alone: they are other commands' runs, started beside this one (a sweep)."""
+        if self.root is None or not self.root.is_dir() or own is None:
             return []
         removed = []
         for folder in sorted(set(self.root.iterdir()) - self.before):
-            if folder.is_dir() and not any(folder.rglob("*.ckpt")):
+            if folder.is_dir() and folder.resolve() == own.resolve() and not any(folder.rglob("*.ckpt")):
                 shutil.rmtree(folder, ignore_errors=True)
                 removed.append(folder)
         for folder in self.missing:

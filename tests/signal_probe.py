@@ -2,12 +2,13 @@
 process a signal once, at a chosen moment of a run, as a user's Ctrl-C or a scheduler's SIGTERM would."""
 
 import os
+from pathlib import Path
 
 import lightning.pytorch as L
 
 
 class SendSignal(L.Callback):
-    def __init__(self, phase: str, signum: int, step: int = 3, twice: bool = False) -> None:
+    def __init__(self, phase: str, signum: int, step: int = 3, twice: bool = False, neighbour: str | None = None) -> None:
         """
         Args:
             phase: "sanity" (the sanity check's first batch), "training" (after optimizer step ``step``),
@@ -16,12 +17,17 @@ class SendSignal(L.Callback):
             signum: the signal, e.g. 15 (SIGTERM) or 2 (SIGINT).
             step: for "training".
             twice: send it a second time at once (a user who presses Ctrl-C again).
+            neighbour: a run folder to make first, with a file in it: another command's run, started beside this one.
         """
         self.phase, self.signum, self.step, self.twice, self.sent = phase, signum, step, twice, False
+        self.neighbour = neighbour
 
     def _send(self, now: bool) -> None:
         if now and not self.sent:
             self.sent = True
+            if self.neighbour:
+                Path(self.neighbour).mkdir(parents=True)
+                (Path(self.neighbour) / "events.out.tfevents.0").write_text("another run's")
             os.kill(os.getpid(), self.signum)
             if self.twice:
                 os.kill(os.getpid(), self.signum)

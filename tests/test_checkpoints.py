@@ -284,6 +284,19 @@ def test_a_signal_before_the_first_step_saves_nothing_and_leaves_no_run(tmp_path
     assert not Path("lightning_logs").exists()  # no empty version_0 for --ckpt_path last to trip on, nor empty folders
 
 
+def test_a_run_stopped_before_its_first_step_removes_its_own_folder_only(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Two fits started together (a sweep): the one stopped before its first step removes its own new run folder,
+    not the other's, which appeared meanwhile and holds no checkpoint yet either."""
+    make_dataset(tmp_path / "data")
+    other = Path("lightning_logs/mnist/version_1")
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", *TINY, *_probe("sanity", signal.SIGTERM), f"--trainer.callbacks.neighbour={other}"])
+    code, stderr = exit_.value.code, capsys.readouterr().err
+    assert code == 143 and "the new run folder lightning_logs/mnist/version_0 was removed" in stderr, stderr[-2000:]
+    assert not Path("lightning_logs/mnist/version_0").exists()
+    assert (other / "events.out.tfevents.0").read_text() == "another run's"
+
+
 @pytest.mark.parametrize(("signum", "status"), SIGNALS)
 @pytest.mark.parametrize("subcommand", ["test", "predict"])
 def test_a_signal_stops_test_and_predict_and_says_nothing_was_written(
