@@ -118,6 +118,9 @@ class SENetCLI(LightningCLIHooks):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         super().parse_arguments(parser, args)
+        # The command line as typed, for a next command when there is no run folder's config.yaml to point at
+        given = sys.argv[1:] if args is None else list(args) if isinstance(args, (list, tuple)) else None
+        self.given_options = _without_ckpt_path(given[1:]) if given else None
         # The same arguments without defaults: what the user gave, on the command line or in --config files
         # (a checkpoint's settings may fill in the rest, never override these).
         parse = parser.parse_object if isinstance(args, (dict, Namespace)) else parser.parse_args
@@ -260,7 +263,7 @@ class SENetCLI(LightningCLIHooks):
             last = Path(keeps[0][0]) if keeps and keeps[0] else None
             if keeps and last is None and self.ckpt_info and self.ckpt_info.global_step == self.trainer.global_step:
                 last = Path(self.ckpt_info.path)  # nothing trained after the resume: the checkpoint it resumed from
-            print("\n".join(self.summary.fit_lines(self.trainer, log_dir, last)))
+            print("\n".join(self.summary.fit_lines(self.trainer, log_dir, last, self.given_options)))
 
     def _after_evaluation(self) -> None:
         log_dir = self.trainer.log_dir
@@ -293,6 +296,19 @@ class SENetCLI(LightningCLIHooks):
                 raise Stopped(self.graceful_stop.message(self.trainer, subcommand, removed, signum, resumed, aborted),
                               signum) from None
             raise
+
+
+def _without_ckpt_path(options: list[str]) -> list[str]:
+    """The options without ``--ckpt_path X`` / ``--ckpt_path=X``."""
+    kept, skip = [], False
+    for option in options:
+        if skip:
+            skip = False
+        elif option == "--ckpt_path":
+            skip = True
+        elif not option.startswith("--ckpt_path="):
+            kept.append(option)
+    return kept
 
 
 def main(args: list[str] | None = None) -> None:

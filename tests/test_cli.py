@@ -757,10 +757,19 @@ def test_a_run_without_a_logger_keeps_its_checkpoints_and_writes_nothing_else(tm
     assert not (tmp_path / "lightning_logs").exists()
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert "tensorboard" not in result.stdout and "--config config.yaml" not in result.stdout
+    # no config.yaml to point at: the next command repeats fit's own options, and works as printed
+    pasted = next(line for line in result.stdout.splitlines() if line.startswith("next: python -m senet_pl test "))
+    words = shlex.split(pasted.removeprefix("next: python -m senet_pl "))
+    assert words[1:-2] == [*TINY, "--trainer.max_epochs=1", "--trainer.logger=false"]
+    assert words[-2] == "--ckpt_path" and Path(words[-1]).parent == tmp_path / "checkpoints"
+    pasted_test = run_here(tmp_path, *words)
+    assert pasted_test.returncode == 0 and "test/acc" in pasted_test.stdout, pasted_test.stderr[-2000:]
     resumed = run_here(tmp_path, "fit", *TINY, "--trainer.max_epochs=2", "--trainer.logger=false",
                   "--ckpt_path=checkpoints/last.ckpt")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "fit done: 2 epoch(s), step 6 (3 in this run)" in resumed.stdout
+    pasted = next(line for line in resumed.stdout.splitlines() if line.startswith("next: python -m senet_pl test "))
+    assert pasted.count("--ckpt_path") == 1 and "last.ckpt" not in pasted  # the resumed checkpoint's option is not kept
     # a finished run resumed with nothing left to train: its steps are the checkpoint's, none of them this run's
     again = run_here(tmp_path, "fit", *TINY, "--trainer.max_epochs=2", "--trainer.logger=false",
                 "--ckpt_path=checkpoints/last.ckpt")
@@ -821,6 +830,8 @@ def test_a_csv_logger_run_resumes_by_name_and_keeps_its_metrics(tmp_path: Path) 
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"--ckpt_path last resolved to {first.relative_to(tmp_path)}/checkpoints/last.ckpt" in resumed.stderr
     assert "fit done: 2 epoch(s), step 6 (3 in this run)" in resumed.stdout
+    pasted = next(line for line in resumed.stdout.splitlines() if line.startswith("next: python -m senet_pl test "))
+    assert pasted.count("--ckpt_path") == 1 and "last.ckpt" not in pasted  # the resumed checkpoint's option is not kept
     # The best of the whole run, not of the resumed piece: its checkpoints stay in the run's folder.
     assert [p.name[:12] for p in tmp_path.rglob("best-*.ckpt")] == ["best-epoch00"]
     assert torch.load(first / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 6

@@ -38,9 +38,11 @@ class RunSummary(Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.seconds = time.perf_counter() - self.started
 
-    def fit_lines(self, trainer: L.Trainer, log_dir: str | None, last: Path | None) -> list[str]:
+    def fit_lines(self, trainer: L.Trainer, log_dir: str | None, last: Path | None,
+                  options: list[str] | None = None) -> list[str]:
         """The end of ``fit``: the best and last checkpoints, epochs, steps, time, speed and the next command.
-        (``log_dir``: ``trainer.log_dir``, which every process must ask for under DDP: it is a collective.)"""
+        (``log_dir``: ``trainer.log_dir``, which every process must ask for under DDP: it is a collective.
+        ``options``: fit's own options, for the next command of a run without a config.yaml to point at.)"""
         log_dir = log_dir if trainer.logger is not None else None  # without a logger: the working directory, no run's
         config = Path(log_dir) / "config.yaml" if log_dir else None
         steps = trainer.global_step - self.start_step if self.start_step is not None else 0
@@ -60,7 +62,11 @@ class RunSummary(Callback):
         tested = best.best_model_path if best is not None and best.best_model_path else last  # no validation: last
         if tested:
             # quoted for the shell, so that it can be pasted as it is (a folder name with a space ...)
-            given = f"--config {shlex.quote(str(config))} " if config is not None and config.is_file() else ""
+            # the run's config.yaml; without one (no logger), the options fit was given, which test takes too
+            if config is not None and config.is_file():
+                given = f"--config {shlex.quote(str(config))} "
+            else:
+                given = f"{shlex.join(options)} " if options else ""
             lines.append(f"next: python -m senet_pl test {given}--ckpt_path {shlex.quote(str(tested))}")
         if log_dir and isinstance(trainer.logger, TensorBoardLogger):
             lines.append(f"curves: tensorboard --logdir {shlex.quote(str(Path(log_dir).parent))}")
