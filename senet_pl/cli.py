@@ -19,6 +19,7 @@ What it adds to LightningCLI:
   fails before its first training step leaves no run folder behind.
 """
 
+import os
 import signal
 import sys
 from pathlib import Path
@@ -126,6 +127,7 @@ class SENetCLI(LightningCLIHooks):
         parse = parser.parse_object if isinstance(args, (dict, Namespace)) else parser.parse_args
         self.explicit = parse(args, defaults=False)
         subcommand = self.config.get("subcommand")
+        self._expand_logger_paths(self.config[subcommand] if subcommand else self.config)
         self._name_plain_run(self.config[subcommand] if subcommand else self.config)
         check_seed(self.config[subcommand].get("seed_everything") if subcommand else self.config.get("seed_everything"))
 
@@ -137,6 +139,20 @@ class SENetCLI(LightningCLIHooks):
             name = logger.init_args.get("name") or ""
             plain = name == "no_se" or name.endswith("_no_se")  # not casino_se: a name that merely contains it
             logger.init_args.name = name if plain else f"{name}_no_se" if name else "no_se"
+
+    @staticmethod
+    def _expand_logger_paths(cfg: Namespace) -> None:
+        """``~`` and ``$VARS`` in the logger's save_dir and name, expanded once for everything: TensorBoard's logger
+        expands them in its own folder, Lightning's checkpoint callback does not (a run would be split between
+        $HOME/runs/... and a folder named ~ in the working directory), and the CSV logger does not either."""
+        logger = cfg.trainer.logger
+        if isinstance(logger, Namespace) and logger.class_path.endswith(RUN_LOGGERS):
+            # in TensorBoard's order: variables, then a leading ~ (of save_dir: of the whole path, in its terms)
+            for key, expand in (("save_dir", lambda v: os.path.expanduser(os.path.expandvars(v))),
+                                ("name", os.path.expandvars)):
+                value = logger.init_args.get(key)
+                if isinstance(value, str):
+                    logger.init_args[key] = expand(value)
 
     def _logger_root(self) -> Path | None:
         """save_dir/name of the TensorBoard (or CSV) logger, where the runs' version_N folders are."""

@@ -635,6 +635,27 @@ def test_a_run_cut_within_an_epoch_says_how_far_it_got_and_what_to_test(data_roo
            "lightning_logs/mnist/version_0/checkpoints/last.ckpt" in out, out[-2000:]
 
 
+@pytest.mark.parametrize("logger", [[], ["--trainer.logger=CSVLogger"]])
+def test_a_home_folder_and_variables_in_the_logger_paths_keep_a_run_in_one_folder(
+        data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+        logger: list[str]) -> None:
+    """``--trainer.logger.save_dir ~/runs``: TensorBoard's logger expanded ~ and $VARS, Lightning's checkpoints did
+    not, and a run was split between $HOME/runs/... and a folder named ~ in the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("EXPERIMENT", "sweep1")
+    paths = ["--trainer.logger.save_dir=~/runs", "--trainer.logger.name=$EXPERIMENT"]
+    assert main(["fit", *TINY, "--trainer.max_epochs=1", *logger, *paths]) is None
+    out = capsys.readouterr().out
+    run_dir = tmp_path / "home" / "runs" / "sweep1" / "version_0"
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "hparams.yaml").is_file()
+    assert not Path("~").exists() and not list(Path().glob("*/sweep1")) and not Path("$EXPERIMENT").exists()
+    assert f"last checkpoint: {run_dir}/checkpoints/last.ckpt" in out, out[-2000:]
+    # a resume finds it by the same words
+    assert main(["fit", *TINY, "--trainer.max_epochs=2", *logger, *paths, "--ckpt_path=last"]) is None
+    resumed = capsys.readouterr()
+    assert f"--ckpt_path last resolved to {run_dir}/checkpoints/last.ckpt" in resumed.err, resumed.err[-2000:]
+    assert "fit done: 2 epoch(s), step 6 (3 in this run)" in resumed.out
+
 def test_the_next_command_can_be_pasted_when_the_run_folder_has_a_space(data_root: Path, tmp_path: Path,
                                                                       capsys: pytest.CaptureFixture) -> None:
     assert main(["fit", *TINY, "--trainer.max_epochs=1", "--trainer.logger.init_args.save_dir=my logs"]) is None
