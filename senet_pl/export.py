@@ -19,7 +19,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -210,6 +210,10 @@ def export_checkpoint(classifier: nn.Module, dm: MNISTDataModule, ckpt_path: str
     whose shape the CLI has matched to it), export, check, and say what was done. Returns the file written."""
     if not ckpt_path:
         raise ExportError("export needs a trained model: add --ckpt_path PATH (or best / last).")
+    named = Path(out).suffix.lower().lstrip(".") if out else None
+    if named in get_args(Format) and named != fmt:  # an ONNX file named .pt2 (or the reverse) would not load as one
+        raise ExportError(f"--out {out} names a .{named} file, but --format is {fmt}: give --format {named}, or an "
+                          f"--out ending in .{fmt}.")
     checkpoint = load_checkpoint(ckpt_path)
     weights = (as_lightning_checkpoint(checkpoint) if is_state_dict(checkpoint) else checkpoint)["state_dict"]
     classifier.load_state_dict(weights)

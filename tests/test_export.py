@@ -198,6 +198,10 @@ def test_export_errors_are_one_line(run_copy: Path, monkeypatch: pytest.MonkeyPa
     assert error == "error: cannot write no/such/folder/model.onnx: No such file or directory."
     Path("taken").mkdir()
     assert cli("export", *TINY, ckpt, "--out=taken").startswith("error: --out taken is a folder")
+    for args, named, fmt in ((["--out=m.pt2"], "pt2", "onnx"), (["--format=pt2", "--out=m.ONNX"], "onnx", "pt2")):
+        assert cli("export", *TINY, ckpt, *args) == (f"error: --out {args[-1][6:]} names a .{named} file, but --format is "
+                                                     f"{fmt}: give --format {named}, or an --out ending in .{fmt}.")
+    assert not list(Path().glob("m.*"))
     torch.save({"epoch": 3, "weights": [1, 2]}, "theirs.ckpt")
     error = cli("export", *TINY, "--ckpt_path=theirs.ckpt")
     assert error.startswith("error: theirs.ckpt is not a checkpoint of this project") and "\n" not in error
