@@ -158,3 +158,20 @@ def estimated_steps(trainer: L.Trainer) -> int | float:
     if early:
         trainer.fit_loop._combined_loader = None
     return steps
+
+
+def rerun_cut_validation(checkpoint: dict[str, Any]) -> None:
+    """Make ``checkpoint``, saved when a signal cut fit's validation short, resume by running that validation again
+    from its first batch. Lightning saves the validation's progress after its last finished batch, and on resume
+    counts such a validation as done (its metrics are never computed, the best checkpoint is chosen without it);
+    written as if saved inside the first batch, it is "restarted mid-evaluation", and Lightning goes back into the
+    validation, from the batches completed: none."""
+    progress = checkpoint["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"]
+    total, current = progress["total"], progress["current"]
+    for key in ("ready", "started"):
+        total[key] += 1 - current[key]
+        current[key] = 1
+    for key in ("processed", "completed"):
+        total[key] -= current[key]
+        current[key] = 0
+    progress["is_last_batch"] = False

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FULL_EPOCHS, TINY, cli, make_dataset, mixed_folder, run_here
+from conftest import FULL_EPOCHS, TINY, cli, make_dataset, mixed_folder, run_here, scalars
 
 from senet_pl import checkpoints
 from senet_pl.checkpoints import TEMP_PREFIX, AtomicCheckpointIO, CheckpointError, load_checkpoint
@@ -202,6 +202,26 @@ def test_a_signal_in_any_phase_of_fit_keeps_every_step_and_resumes_exactly(
     assert signal.getsignal(signal.SIGINT) is before  # handlers restored
     fit(*SHORT, "--ckpt_path=last")
     assert_same_weights(last, uninterrupted_short)
+    # every validation of the uninterrupted run ran and was logged, the one a signal cut short included
+    logged = scalars(Path("lightning_logs/mnist/version_0"))
+    expected = scalars(uninterrupted_short.parents[1])
+    assert [s for s, _ in logged["val/acc"]] == [s for s, _ in expected["val/acc"]] == [4, 9]  # (steps as logged)
+    assert logged["val/acc"] == expected["val/acc"] and logged["val/loss"] == expected["val/loss"]
+    assert sorted(p.name for p in CHECKPOINTS.glob("best-*")) == sorted(
+        p.name for p in uninterrupted_short.parent.glob("best-*"))
+
+
+def test_a_validation_cut_short_after_a_checkpoint_of_its_step_runs_again(
+        tmp_path: Path, uninterrupted_short: Path, capsys: pytest.CaptureFixture) -> None:
+    """last.ckpt was written at the step before the validation began (every 5 steps, the epoch's end): the signal in
+    the validation writes it again, so that the resume runs the validation instead of counting it as done."""
+    make_dataset(tmp_path / "data")
+    code, stderr = _signalled(capsys, "validation", signal.SIGTERM, "fit", *SHORT,
+                              "--last_checkpoint.every_n_train_steps=5")
+    assert code == 143, stderr[-2000:]
+    fit(*SHORT, "--ckpt_path=last", "--last_checkpoint.every_n_train_steps=5")
+    assert_same_weights(CHECKPOINTS / "last.ckpt", uninterrupted_short)
+    assert scalars(CHECKPOINTS.parent)["val/acc"] == scalars(uninterrupted_short.parents[1])["val/acc"]
 
 
 def test_ctrl_c_while_python_imports_torch_is_one_line(tmp_path: Path) -> None:

@@ -164,3 +164,24 @@ def test_averaged_module_is_the_average_of_a_weight_averaging_callback(tmp_path)
     model = BoringModel()
     trainer.fit(model)
     assert isinstance(seen[0], BoringModel) and seen[0] is not model
+
+
+def test_a_cut_validation_is_restarted_mid_evaluation_from_its_first_batch() -> None:
+    """The progress of a validation stopped after 3 of its batches (the 2nd validation of a run), rewritten: Lightning
+    reads it as restarted mid-evaluation, and restarts from batch 0."""
+    from lightning.pytorch.loops.progress import _BatchProgress
+
+    done = {"ready": 3, "started": 3, "processed": 3, "completed": 3}
+    state = {"total": {k: v + 5 for k, v in done.items()}, "current": dict(done), "is_last_batch": False}
+    checkpoint = {"loops": {"fit_loop": {"epoch_loop.val_loop.batch_progress": state}}}
+    compat.rerun_cut_validation(checkpoint)
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    val_loop = trainer.fit_loop.epoch_loop.val_loop
+    val_loop.batch_progress = _BatchProgress()
+    val_loop.batch_progress.load_state_dict(state)
+    val_loop.restarting = True
+    val_loop.update_restart_stage()
+    assert val_loop.restarted_mid_evaluation
+    val_loop.batch_progress.reset_on_restart()
+    assert val_loop.batch_progress.current.ready == 0  # the validation's first batch comes next
+    assert val_loop.batch_progress.total.completed == 5  # the earlier validation's batches stay counted

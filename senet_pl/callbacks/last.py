@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from senet_pl.checkpoints import follow_run_folder
-from senet_pl.compat import at_last_batch
+from senet_pl.compat import at_last_batch, rerun_cut_validation
 
 
 class LatestCheckpoint(Checkpoint):
@@ -46,9 +46,10 @@ class LatestCheckpoint(Checkpoint):
         self.dirpath = dirpath
         self.every_n_train_steps = every_n_train_steps
         self.saved: tuple[str, int] | None = None  # (path, global step) of the last file this process wrote
+        self._cut_validation = False  # a signal stopped fit in a validation: its checkpoint reruns that validation
 
-    def _save(self, trainer: L.Trainer) -> None:
-        already = self.saved is not None and self.saved[1] == trainer.global_step
+    def _save(self, trainer: L.Trainer, again: bool = False) -> None:
+        already = self.saved is not None and self.saved[1] == trainer.global_step and not again
         if already or trainer.sanity_checking or trainer.state.fn != "fit":
             return
         best = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
@@ -81,11 +82,21 @@ class LatestCheckpoint(Checkpoint):
                 if trainer.is_global_zero:
                     print(note, file=sys.stderr)
 
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self._cut_validation:
+            rerun_cut_validation(checkpoint)
+
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         # Training or validating inside fit (not the sanity check, which comes before any step of this
-        # process): the state after the last optimizer step. Lightning restarts a validation cut short.
+        # process): the state after the last optimizer step. A validation cut short runs again on resume, whole
+        # (its metrics of the batches done are not in the checkpoint): saved again even if a file of this step
+        # was written before the validation, which would count it as done.
         if isinstance(exception, SIGTERMException):
-            self._save(trainer)
+            self._cut_validation = trainer.validating and not trainer.sanity_checking
+            try:
+                self._save(trainer, again=self._cut_validation)
+            finally:
+                self._cut_validation = False
 
 
 class Interrupted(BaseException):
