@@ -175,3 +175,13 @@ def rerun_cut_validation(checkpoint: dict[str, Any]) -> None:
         total[key] -= current[key]
         current[key] = 0
     progress["is_last_batch"] = False
+
+
+def keep_epoch_open(checkpoint: dict[str, Any]) -> None:
+    """Make ``checkpoint``, saved at the end of an epoch that ``max_steps`` or ``max_time`` cut short, resume inside
+    that epoch, as from a checkpoint saved after its last batch done. Lightning counts the cut epoch as processed,
+    and a resume with a larger max_epochs or max_steps went on with the next epoch: the rest of the cut one was
+    never trained. (The data loader's position in the epoch is in the checkpoint either way.)"""
+    progress = checkpoint["loops"]["fit_loop"]["epoch_progress"]
+    for counts in (progress["total"], progress["current"]):
+        counts["processed"] = counts["completed"] = counts["started"] - 1

@@ -74,10 +74,12 @@ def test_resume_at_epoch_boundary_is_bitwise_exact(tmp_path: Path, uninterrupted
     assert_same_weights(CHECKPOINTS / "last.ckpt", uninterrupted)
 
 
-def test_resume_mid_epoch_neither_replays_nor_skips(tmp_path: Path, uninterrupted: Path) -> None:
+@pytest.mark.parametrize("every", [2, 0])
+def test_resume_mid_epoch_neither_replays_nor_skips(tmp_path: Path, uninterrupted: Path, every: int) -> None:
+    """Stopped by max_steps 4 steps into the second epoch, last.ckpt written every 2 steps or (0) only at the stop:
+    Lightning then ends the epoch early and counted it as done, so a resume skipped the rest of it."""
     make_dataset(tmp_path / "data")
-    # Stop 4 steps into the second epoch, with last.ckpt written every 2 steps.
-    fit(*EXACT, "--trainer.max_steps=14", "--last_checkpoint.every_n_train_steps=2", PLANNED)
+    fit(*EXACT, "--trainer.max_steps=14", f"--last_checkpoint.every_n_train_steps={every}", PLANNED)
     state = load_checkpoint(CHECKPOINTS / "last.ckpt")
     assert state["global_step"] == 14
     position = {"epoch": 1, "batches_done": 4, "batch_size": 8, "world_size": 1, "seed": 42}

@@ -185,3 +185,21 @@ def test_a_cut_validation_is_restarted_mid_evaluation_from_its_first_batch() -> 
     val_loop.batch_progress.reset_on_restart()
     assert val_loop.batch_progress.current.ready == 0  # the validation's first batch comes next
     assert val_loop.batch_progress.total.completed == 5  # the earlier validation's batches stay counted
+
+
+def test_a_cut_epoch_stays_open() -> None:
+    """The fit loop's epoch progress of a checkpoint written at the end of an epoch that max_steps cut (the 2nd
+    epoch), rewritten: Lightning restarts inside that epoch rather than after it."""
+    from lightning.pytorch.loops.progress import _ProcessedTracker, _Progress
+
+    cut = {"ready": 2, "started": 2, "processed": 2, "completed": 1}
+    state = {"total": dict(cut), "current": dict(cut)}
+    checkpoint = {"loops": {"fit_loop": {"epoch_progress": state}}}
+    compat.keep_epoch_open(checkpoint)
+    progress = _Progress.from_defaults(_ProcessedTracker)
+    progress.load_state_dict(state)
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit_loop.epoch_progress = progress
+    assert trainer.fit_loop.epoch_progress.current.processed == trainer.fit_loop.epoch_progress.current.started - 1
+    trainer.fit_loop.epoch_progress.reset_on_restart()
+    assert trainer.current_epoch == 1  # epochs completed: the first; the cut one is the one in progress

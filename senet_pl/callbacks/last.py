@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from senet_pl.checkpoints import follow_run_folder
-from senet_pl.compat import at_last_batch, rerun_cut_validation
+from senet_pl.compat import at_last_batch, keep_epoch_open, rerun_cut_validation
 
 
 class LatestCheckpoint(Checkpoint):
@@ -47,6 +47,7 @@ class LatestCheckpoint(Checkpoint):
         self.every_n_train_steps = every_n_train_steps
         self.saved: tuple[str, int] | None = None  # (path, global step) of the last file this process wrote
         self._cut_validation = False  # a signal stopped fit in a validation: its checkpoint reruns that validation
+        self._cut_epoch = False  # max_steps or max_time ended the epoch early: its checkpoint resumes inside it
 
     def _save(self, trainer: L.Trainer, again: bool = False) -> None:
         already = self.saved is not None and self.saved[1] == trainer.global_step and not again
@@ -70,7 +71,11 @@ class LatestCheckpoint(Checkpoint):
             self._save(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._save(trainer)
+        self._cut_epoch = not at_last_batch(trainer)  # stopped by max_steps or max_time in the middle of the epoch
+        try:
+            self._save(trainer)
+        finally:
+            self._cut_epoch = False
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         # Lightning calls every callback's on_load_checkpoint before it restores their states: the best-checkpoint
@@ -85,6 +90,8 @@ class LatestCheckpoint(Checkpoint):
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         if self._cut_validation:
             rerun_cut_validation(checkpoint)
+        if self._cut_epoch:
+            keep_epoch_open(checkpoint)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         # Training or validating inside fit (not the sanity check, which comes before any step of this
