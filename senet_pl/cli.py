@@ -19,7 +19,6 @@ What it adds to LightningCLI:
   fails before its first training step leaves no run folder behind.
 """
 
-import os
 import signal
 import sys
 from pathlib import Path
@@ -29,7 +28,6 @@ import lightning.pytorch as L
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
@@ -37,7 +35,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from senet_pl.callbacks.figures import TensorBoardFigures
 from senet_pl.callbacks.last import EarlySignals, GracefulStop, Interrupted, LatestCheckpoint
 from senet_pl.callbacks.predictions import PredictionWriter
-from senet_pl.callbacks.summary import RunSummary
+from senet_pl.callbacks.summary import RunSummary, without_ckpt_path
 from senet_pl.checkpoints import AtomicCheckpointIO, CheckpointError, as_lightning_checkpoint
 from senet_pl.export import ExportError
 from senet_pl.compat import LearningRateMonitor, LightningCLIHooks, is_setting_error, quiet
@@ -46,7 +44,8 @@ from senet_pl.module import NonFiniteLossError, SEResNetClassifier, SettingError
 from senet_pl.options import ShortErrorParser, check_clipping, check_options, check_seed
 from senet_pl.precision import ALIASES, fallback_message, resolve_precision
 from senet_pl.resume import keep_checkpoint_folders, reconcile, training_conflicts, weight_mismatch
-from senet_pl.runs import CLIError, FolderSnapshot, NewRunFolders, find_checkpoint
+from senet_pl.runs import (CLIError, FolderSnapshot, NewRunFolders, expand_logger_paths, find_checkpoint,
+                           logger_root, name_plain_run, run_folder)
 from senet_pl.schedule import ScheduleError
 from senet_pl.trainer import Trainer, close_process_group
 from senet_pl.untrusted import CheckpointInfo, read_checkpoint
@@ -61,7 +60,6 @@ class Stopped(Exception):
 
 
 # Loggers that keep each run in save_dir/name/version_N (with its checkpoints/): --ckpt_path last|best looks there.
-RUN_LOGGERS = ("TensorBoardLogger", "CSVLogger")
 
 
 @rank_zero_only  # once, not by every process of a DDP run (their ranks are in the environment already)
@@ -121,51 +119,18 @@ class SENetCLI(LightningCLIHooks):
         super().parse_arguments(parser, args)
         # The command line as typed, for a next command when there is no run folder's config.yaml to point at
         given = sys.argv[1:] if args is None else list(args) if isinstance(args, (list, tuple)) else None
-        self.given_options = _without_ckpt_path(given[1:]) if given else None
+        self.given_options = without_ckpt_path(given[1:]) if given else None
         # The same arguments without defaults: what the user gave, on the command line or in --config files
         # (a checkpoint's settings may fill in the rest, never override these).
         parse = parser.parse_object if isinstance(args, (dict, Namespace)) else parser.parse_args
         self.explicit = parse(args, defaults=False)
         subcommand = self.config.get("subcommand")
-        self._expand_logger_paths(self.config[subcommand] if subcommand else self.config)
-        self._name_plain_run(self.config[subcommand] if subcommand else self.config)
+        expand_logger_paths(self.config[subcommand] if subcommand else self.config)
+        name_plain_run(self.config[subcommand] if subcommand else self.config)
         check_seed(self.config[subcommand].get("seed_everything") if subcommand else self.config.get("seed_everything"))
 
-    @staticmethod
-    def _name_plain_run(cfg: Namespace) -> None:
-        """Plain-ResNet runs get their own run name (mnist_no_se): --ckpt_path best never mixes the two models."""
-        logger = cfg.trainer.logger
-        if cfg.model.se is False and isinstance(logger, Namespace) and logger.class_path.endswith(RUN_LOGGERS):
-            name = logger.init_args.get("name") or ""
-            plain = name == "no_se" or name.endswith("_no_se")  # not casino_se: a name that merely contains it
-            logger.init_args.name = name if plain else f"{name}_no_se" if name else "no_se"
-
-    @staticmethod
-    def _expand_logger_paths(cfg: Namespace) -> None:
-        """``~`` and ``$VARS`` in the logger's save_dir and name, expanded once for everything: TensorBoard's logger
-        expands them in its own folder, Lightning's checkpoint callback does not (a run would be split between
-        $HOME/runs/... and a folder named ~ in the working directory), and the CSV logger does not either."""
-        logger = cfg.trainer.logger
-        if isinstance(logger, Namespace) and logger.class_path.endswith(RUN_LOGGERS):
-            # in TensorBoard's order: variables, then a leading ~ (of save_dir: of the whole path, in its terms)
-            for key, expand in (("save_dir", lambda v: os.path.expanduser(os.path.expandvars(v))),
-                                ("name", os.path.expandvars)):
-                value = logger.init_args.get(key)
-                if isinstance(value, str):
-                    logger.init_args[key] = expand(value)
-
     def _logger_root(self) -> Path | None:
-        """save_dir/name of the TensorBoard (or CSV) logger, where the runs' version_N folders are."""
-        logger = self.config[self.config.subcommand].trainer.logger
-        if isinstance(logger, Namespace) and logger.class_path.endswith(RUN_LOGGERS):
-            return Path(logger.init_args.save_dir) / (logger.init_args.name or "")
-        return None
-
-    def _run_folder(self) -> Path | None:
-        """This command's run folder (its logger's version_N), asked of the logger itself: trainer.log_dir would be
-        a collective under DDP, and this runs on the first process alone."""
-        logger = getattr(self, "trainer", None) and self.trainer.logger
-        return Path(logger.log_dir) if isinstance(logger, (TensorBoardLogger, CSVLogger)) else None
+        return logger_root(self.config[self.config.subcommand].trainer.logger)
 
     def reconcile_checkpoint(self) -> None:
         """Resolve ``--ckpt_path last|best|auto``, check the checkpoint, and reconcile it with the config.
@@ -194,7 +159,7 @@ class SENetCLI(LightningCLIHooks):
         # Reported once the model exists, together with the optimizer's and schedule's (before_fit).
         self.conflicts = reconcile(info, cfg, self.explicit.get(subcommand), subcommand, MNISTDataModule.data_shape)
         self.ckpt_info = info
-        self._name_plain_run(cfg)  # again: se may have come from the checkpoint
+        name_plain_run(cfg)  # again: se may have come from the checkpoint
         # A checkpoint of a run of this logger: log into that run's folder. Resuming, its TensorBoard curves
         # continue; evaluating, its test/val metrics join its training curves (one HParams row per model).
         root = self._logger_root()
@@ -299,7 +264,8 @@ class SENetCLI(LightningCLIHooks):
         except BaseException as err:
             start = self.graceful_stop.start_step  # None: training never started
             no_step = subcommand != "fit" or start is None or self.trainer.global_step == start  # only fit trains
-            removed = new_folders.remove(self._run_folder()) if no_step and self.trainer.is_global_zero else []
+            own = run_folder(self.trainer.logger) if getattr(self, "trainer", None) else None
+            removed = new_folders.remove(own) if no_step and self.trainer.is_global_zero else []
             if evaluated is not None and self.trainer.is_global_zero:  # the trained run's folder, as it was
                 evaluated.restore()
             # A second Ctrl-C: a KeyboardInterrupt, which Lightning's own handling turns into exit status 1.
@@ -312,19 +278,6 @@ class SENetCLI(LightningCLIHooks):
                 raise Stopped(self.graceful_stop.message(self.trainer, subcommand, removed, signum, resumed, aborted),
                               signum) from None
             raise
-
-
-def _without_ckpt_path(options: list[str]) -> list[str]:
-    """The options without ``--ckpt_path X`` / ``--ckpt_path=X``."""
-    kept, skip = [], False
-    for option in options:
-        if skip:
-            skip = False
-        elif option == "--ckpt_path":
-            skip = True
-        elif not option.startswith("--ckpt_path="):
-            kept.append(option)
-    return kept
 
 
 def main(args: list[str] | None = None) -> None:

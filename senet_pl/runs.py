@@ -1,11 +1,18 @@
 """The run folders of a logger (``save_dir/name/version_N``): which checkpoint ``--ckpt_path last|best|auto``
 means, and removing the folders a command made before it failed."""
 
+import os
 import shutil
 import sys
 from pathlib import Path, PurePath
+from typing import Any
+
+from jsonargparse import Namespace
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from senet_pl.checkpoints import load_checkpoint
+
+RUN_LOGGERS = ("TensorBoardLogger", "CSVLogger")  # the loggers whose save_dir/name/version_N folders hold runs
 
 
 class CLIError(Exception):
@@ -101,3 +108,41 @@ class FolderSnapshot:
             path = self.folder / name
             if path.is_file() and path.read_bytes() != content:
                 path.write_bytes(content)
+
+
+def _run_logger(logger: Any) -> bool:
+    return isinstance(logger, Namespace) and logger.class_path.endswith(RUN_LOGGERS)
+
+
+def name_plain_run(cfg: Namespace) -> None:
+    """Plain-ResNet runs get their own run name (mnist_no_se): --ckpt_path best never mixes the two models."""
+    logger = cfg.trainer.logger
+    if cfg.model.se is False and _run_logger(logger):
+        name = logger.init_args.get("name") or ""
+        plain = name == "no_se" or name.endswith("_no_se")  # not casino_se: a name that merely contains it
+        logger.init_args.name = name if plain else f"{name}_no_se" if name else "no_se"
+
+
+def expand_logger_paths(cfg: Namespace) -> None:
+    """``~`` and ``$VARS`` in the logger's save_dir and name, expanded once for everything: TensorBoard's logger
+    expands them in its own folder, Lightning's checkpoint callback does not (a run would be split between
+    $HOME/runs/... and a folder named ~ in the working directory), and the CSV logger does not either."""
+    logger = cfg.trainer.logger
+    if _run_logger(logger):
+        # in TensorBoard's order: variables, then a leading ~ (of save_dir: of the whole path, in its terms)
+        for key, expand in (("save_dir", lambda v: os.path.expanduser(os.path.expandvars(v))),
+                            ("name", os.path.expandvars)):
+            value = logger.init_args.get(key)
+            if isinstance(value, str):
+                logger.init_args[key] = expand(value)
+
+
+def logger_root(logger: Any) -> Path | None:
+    """save_dir/name of the TensorBoard (or CSV) logger's configuration, where the runs' version_N folders are."""
+    return Path(logger.init_args.save_dir) / (logger.init_args.name or "") if _run_logger(logger) else None
+
+
+def run_folder(logger: Any) -> Path | None:
+    """A command's run folder (its logger's version_N), asked of the logger itself: trainer.log_dir would be a
+    collective under DDP, and this is asked on the first process alone."""
+    return Path(logger.log_dir) if isinstance(logger, (TensorBoardLogger, CSVLogger)) else None

@@ -89,3 +89,16 @@ class RunSummary(Callback):
         where = f"; logged to {log_dir}" if log_dir and trainer.logger is not None else ""
         model = f" of {ckpt_path}" if ckpt_path else ""
         return f"{subcommand} done{model}" + (f": {shown}" if shown and subcommand in ("test", "validate") else "") + where
+
+
+def without_ckpt_path(options: list[str]) -> list[str]:
+    """A command's options without ``--ckpt_path X`` / ``--ckpt_path=X``: fit's, for the next command's test."""
+    kept, skip = [], False
+    for option in options:
+        if skip:
+            skip = False
+        elif option == "--ckpt_path":
+            skip = True
+        elif not option.startswith("--ckpt_path="):
+            kept.append(option)
+    return kept
