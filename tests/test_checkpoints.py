@@ -461,6 +461,20 @@ def test_damaged_checkpoint_gives_an_error_naming_the_file(tmp_path: Path, damag
         load_checkpoint(path)
 
 
+def test_a_checkpoint_damaged_inside_a_tensor_is_refused_not_loaded_as_wrong_weights(tmp_path: Path) -> None:
+    """Bytes overwritten in the middle of the weights leave a readable archive: torch.load gave wrong numbers."""
+    path = tmp_path / "model.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.randn(100_000)}}, path)
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(64)
+    path.write_bytes(bytes(data))
+    assert torch.load(path, weights_only=True)["state_dict"]["w"].shape == (100_000,)  # torch reads it regardless
+    with pytest.raises(CheckpointError, match=rf"cannot read checkpoint {path}: it is damaged \(.*data/0 does not "
+                                              "match its stored checksum\)"):
+        load_checkpoint(path)
+
+
 def test_checkpoint_files_get_normal_permissions(tmp_path: Path) -> None:
     path = tmp_path / "a.ckpt"
     AtomicCheckpointIO().save_checkpoint({"x": torch.zeros(1)}, path)
