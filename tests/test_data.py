@@ -175,6 +175,15 @@ def test_erasing_ranges_must_be_min_max(data_root: Path) -> None:
         _module(data_root, erasing_scale=(0.3, 0.1))
 
 
+def test_erasing_that_could_erase_no_pixel_is_refused(data_root: Path) -> None:
+    with pytest.raises(DataError, match=r"--data.erasing_scale \[0.0, 0.0\] erases less than a pixel of a 28x28 image"):
+        _module(data_root, erasing=0.5, erasing_scale=(0.0, 0.0))
+    with pytest.raises(DataError, match="--data.erasing 1.0 would erase nothing"):
+        _module(data_root, erasing=1.0, erasing_scale=(0.0, 0.001))  # 0.78 of a pixel at most
+    _module(data_root, erasing=1.0, erasing_scale=(0.0, 0.002))  # 1.6 pixels: some rectangle fits
+    _module(data_root, erasing=0.0, erasing_scale=(0.0, 0.0))  # off: the range does not matter
+
+
 @pytest.mark.parametrize(("setting", "message"), [
     ({"erasing_value": float("nan")}, "--data.erasing_value nan: give a finite value"),
     ({"erasing_value": float("inf")}, "--data.erasing_value inf: give a finite value"),

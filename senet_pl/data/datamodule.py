@@ -97,6 +97,10 @@ class MNISTDataModule(L.LightningDataModule):
                 raise DataError(f"--data.{name} [{low}, {high}]: give a finite range [min, max].")
             if low > high:
                 raise DataError(f"--data.{name} [{low}, {high}]: give the range as [min, max].")
+        if erasing > 0 and erasing_scale[1] * SIZE**2 < 1:  # erased at the native size, before any resize
+            raise DataError(f"--data.erasing_scale [{erasing_scale[0]}, {erasing_scale[1]}] erases less than a pixel of "
+                            f"a {SIZE}x{SIZE} image, so --data.erasing {erasing} would erase nothing: give a larger "
+                            "maximum, or --data.erasing 0.")
         if not math.isfinite(erasing_value):  # YAML's .nan/.inf: the loss went non-finite at the first erased image
             raise DataError(f"--data.erasing_value {erasing_value}: give a finite value (in normalized units; 0 is the "
                             "dataset's mean pixel).")
