@@ -47,9 +47,10 @@ def load_checkpoint(path: PATH, map_location: Any = "cpu", mmap: bool = False) -
     ``mmap=True`` checks and reads the structure without reading the tensors' bytes.
     """
     try:
-        if not mmap:
-            _check_contents(path)
+        _check_contents(path)  # also before a structure-only read: damaged bytes never reach the unpickler
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except CheckpointError:
+        raise
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path}: no such file.") from None
     except pickle.UnpicklingError as err:
@@ -80,8 +81,8 @@ def _check_contents(path: PATH) -> None:
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
         raise CheckpointError(f"cannot read checkpoint {path}: it is truncated or not a checkpoint ({err}).") from None
     if bad is not None:
-        raise CheckpointError(f"cannot read checkpoint {path}: it is damaged ({bad} does not match its stored "
-                              "checksum). Use another copy, or an earlier checkpoint of the run.")
+        raise CheckpointError(f"cannot read checkpoint {path}: it is damaged (its entry {bad} fails the archive's "
+                              "checksum or header check). Use another copy, or an earlier checkpoint of the run.")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

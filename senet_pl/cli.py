@@ -35,7 +35,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from senet_pl.callbacks.figures import TensorBoardFigures
 from senet_pl.callbacks.last import EarlySignals, GracefulStop, Interrupted, LatestCheckpoint
 from senet_pl.callbacks.predictions import PredictionWriter
-from senet_pl.callbacks.summary import RunSummary, without_ckpt_path
+from senet_pl.callbacks.summary import RunSummary
 from senet_pl.checkpoints import AtomicCheckpointIO, CheckpointError, as_lightning_checkpoint
 from senet_pl.export import ExportError
 from senet_pl.compat import LearningRateMonitor, LightningCLIHooks, is_setting_error, quiet
@@ -118,8 +118,7 @@ class SENetCLI(LightningCLIHooks):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         super().parse_arguments(parser, args)
         # The command line as typed, for a next command when there is no run folder's config.yaml to point at
-        given = sys.argv[1:] if args is None else list(args) if isinstance(args, (list, tuple)) else None
-        self.given_options = without_ckpt_path(given[1:]) if given else None
+        self.typed = sys.argv[1:] if args is None else list(args) if isinstance(args, (list, tuple)) else None
         # The same arguments without defaults: what the user gave, on the command line or in --config files
         # (a checkpoint's settings may fill in the rest, never override these).
         parse = parser.parse_object if isinstance(args, (dict, Namespace)) else parser.parse_args
@@ -244,7 +243,7 @@ class SENetCLI(LightningCLIHooks):
             last = Path(keeps[0][0]) if keeps and keeps[0] else None
             if keeps and last is None and self.ckpt_info and self.ckpt_info.global_step == self.trainer.global_step:
                 last = Path(self.ckpt_info.path)  # nothing trained after the resume: the checkpoint it resumed from
-            print("\n".join(self.summary.fit_lines(self.trainer, log_dir, last, self.given_options)))
+            print("\n".join(self.summary.fit_lines(self.trainer, log_dir, last, self.typed)))
 
     def _after_evaluation(self) -> None:
         log_dir = self.trainer.log_dir

@@ -168,12 +168,11 @@ def rerun_cut_validation(checkpoint: dict[str, Any]) -> None:
     validation, from the batches completed: none."""
     progress = checkpoint["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"]
     total, current = progress["total"], progress["current"]
-    for key in ("ready", "started"):
-        total[key] += 1 - current[key]
-        current[key] = 1
-    for key in ("processed", "completed"):
-        total[key] -= current[key]
-        current[key] = 0
+    # The batches of earlier validations; set whole, not shifted: a checkpoint of a validation that was itself
+    # a rerun (stopped twice) holds totals that do not add up, and Lightning reads the restart from the totals.
+    before = max(total["completed"] - current["completed"], 0)
+    total.update(ready=before + 1, started=before + 1, processed=before, completed=before)
+    current.update(ready=1, started=1, processed=0, completed=0)
     progress["is_last_batch"] = False
 
 

@@ -69,7 +69,8 @@ class NewRunFolders:
             return []
         removed = []
         for folder in sorted(set(self.root.iterdir()) - self.before):
-            if folder.is_dir() and folder.resolve() == own.resolve() and not any(folder.rglob("*.ckpt")):
+            mine = folder.resolve() in (own.resolve(), *own.resolve().parents)  # own: log_dir, maybe a sub_dir of it
+            if folder.is_dir() and mine and not any(folder.rglob("*.ckpt")):
                 shutil.rmtree(folder, ignore_errors=True)
                 removed.append(folder)
         for folder in self.missing:

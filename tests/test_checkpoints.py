@@ -213,6 +213,18 @@ def test_a_signal_in_any_phase_of_fit_keeps_every_step_and_resumes_exactly(
         p.name for p in uninterrupted_short.parent.glob("best-*"))
 
 
+def test_a_validation_stopped_again_in_its_rerun_runs_a_third_time(
+        tmp_path: Path, uninterrupted_short: Path, capsys: pytest.CaptureFixture) -> None:
+    """Stopped in the validation, resumed, stopped again in the rerun of that validation, resumed: it still runs.
+    (A rerun's checkpoint holds validation totals that do not add up; Lightning counted it as done.)"""
+    make_dataset(tmp_path / "data")
+    assert _signalled(capsys, "validation", signal.SIGTERM, "fit", *SHORT)[0] == 143
+    code, stderr = _signalled(capsys, "validation", signal.SIGINT, "fit", *SHORT, "--ckpt_path=last")
+    assert code == 130 and "training stopped at step 5" in stderr, stderr[-2000:]
+    fit(*SHORT, "--ckpt_path=last")
+    assert_same_weights(CHECKPOINTS / "last.ckpt", uninterrupted_short)
+    assert scalars(CHECKPOINTS.parent)["val/acc"] == scalars(uninterrupted_short.parents[1])["val/acc"]
+
 def test_a_validation_cut_short_after_a_checkpoint_of_its_step_runs_again(
         tmp_path: Path, uninterrupted_short: Path, capsys: pytest.CaptureFixture) -> None:
     """last.ckpt was written at the step before the validation began (every 5 steps, the epoch's end): the signal in
@@ -317,6 +329,15 @@ def test_a_run_stopped_before_its_first_step_removes_its_own_folder_only(tmp_pat
     assert code == 143 and "the new run folder lightning_logs/mnist/version_0 was removed" in stderr, stderr[-2000:]
     assert not Path("lightning_logs/mnist/version_0").exists()
     assert (other / "events.out.tfevents.0").read_text() == "another run's"
+
+
+def test_a_run_stopped_before_its_first_step_removes_its_folder_with_a_sub_dir(capsys: pytest.CaptureFixture,
+                                                                             tmp_path: Path) -> None:
+    """TensorBoard's sub_dir puts the logs in version_N/SUB: the folder removed is still version_N."""
+    make_dataset(tmp_path / "data")
+    code, stderr = _signalled(capsys, "sanity", signal.SIGTERM, "fit", *TINY, "--trainer.logger.init_args.sub_dir=sub")
+    assert code == 143 and "the new run folder lightning_logs/mnist/version_0 was removed" in stderr, stderr[-2000:]
+    assert not Path("lightning_logs").exists()
 
 
 @pytest.mark.parametrize(("signum", "status"), SIGNALS)
@@ -470,9 +491,12 @@ def test_a_checkpoint_damaged_inside_a_tensor_is_refused_not_loaded_as_wrong_wei
     data[middle:middle + 64] = bytes(64)
     path.write_bytes(bytes(data))
     assert torch.load(path, weights_only=True)["state_dict"]["w"].shape == (100_000,)  # torch reads it regardless
-    with pytest.raises(CheckpointError, match=rf"cannot read checkpoint {path}: it is damaged \(.*data/0 does not "
-                                              "match its stored checksum\)"):
-        load_checkpoint(path)
+    for mmap in (False, True):  # a structure-only read too (the CLI's first look at a checkpoint)
+        with pytest.raises(CheckpointError) as error:
+            load_checkpoint(path, mmap=mmap)
+        assert str(error.value) == (f"cannot read checkpoint {path}: it is damaged (its entry archive/data/0 fails the "
+                                    "archive's checksum or header check). Use another copy, or an earlier checkpoint "
+                                    "of the run.")
 
 
 def test_checkpoint_files_get_normal_permissions(tmp_path: Path) -> None:

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import N_TEST, REPO, TINY, cli, make_dataset, mixed_folder, run, run_here, scalars
+
+from senet_pl.callbacks.summary import as_test
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
@@ -634,6 +636,15 @@ def test_a_run_cut_within_an_epoch_says_how_far_it_got_and_what_to_test(data_roo
     assert "next: python -m senet_pl test --config lightning_logs/mnist/version_0/config.yaml --ckpt_path " \
            "lightning_logs/mnist/version_0/checkpoints/last.ckpt" in out, out[-2000:]
 
+
+@pytest.mark.parametrize(("typed", "expected"), [
+    (["fit", "--a=1", "--ckpt_path", "last", "--b", "x y"], ["test", "--a=1", "--b", "x y"]),
+    (["--config", "c.yaml", "fit", "--ckpt_path=last", "--a=1"], ["--config", "c.yaml", "test", "--a=1"]),
+    (["--ckpt_path=auto", "--a=1"], ["test", "--a=1"]),
+])
+def test_a_fit_without_a_config_yaml_is_repeated_as_a_test(typed: list[str], expected: list[str]) -> None:
+    """The next command of a run without a logger: fit's command line, options before the subcommand kept before."""
+    assert as_test(typed) == expected
 
 @pytest.mark.parametrize("logger", [[], ["--trainer.logger=CSVLogger"]])
 def test_a_home_folder_and_variables_in_the_logger_paths_keep_a_run_in_one_folder(

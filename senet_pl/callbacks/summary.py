@@ -39,10 +39,10 @@ class RunSummary(Callback):
         self.seconds = time.perf_counter() - self.started
 
     def fit_lines(self, trainer: L.Trainer, log_dir: str | None, last: Path | None,
-                  options: list[str] | None = None) -> list[str]:
+                  typed: list[str] | None = None) -> list[str]:
         """The end of ``fit``: the best and last checkpoints, epochs, steps, time, speed and the next command.
         (``log_dir``: ``trainer.log_dir``, which every process must ask for under DDP: it is a collective.
-        ``options``: fit's own options, for the next command of a run without a config.yaml to point at.)"""
+        ``typed``: fit's command line, for the next command of a run without a config.yaml to point at.)"""
         log_dir = log_dir if trainer.logger is not None else None  # without a logger: the working directory, no run's
         config = Path(log_dir) / "config.yaml" if log_dir else None
         steps = trainer.global_step - self.start_step if self.start_step is not None else 0
@@ -61,13 +61,13 @@ class RunSummary(Callback):
             lines.append(f"last checkpoint: {last}")
         tested = best.best_model_path if best is not None and best.best_model_path else last  # no validation: last
         if tested:
-            # quoted for the shell, so that it can be pasted as it is (a folder name with a space ...)
-            # the run's config.yaml; without one (no logger), the options fit was given, which test takes too
+            # the run's config.yaml; without one (no logger), fit's own command line, whose options test takes too
             if config is not None and config.is_file():
-                given = f"--config {shlex.quote(str(config))} "
+                words = ["test", "--config", str(config)]
             else:
-                given = f"{shlex.join(options)} " if options else ""
-            lines.append(f"next: python -m senet_pl test {given}--ckpt_path {shlex.quote(str(tested))}")
+                words = as_test(typed or ["fit"])
+            # quoted for the shell, so that it can be pasted as it is (a folder name with a space ...)
+            lines.append(f"next: python -m senet_pl {shlex.join([*words, '--ckpt_path', str(tested)])}")
         if log_dir and isinstance(trainer.logger, TensorBoardLogger):
             lines.append(f"curves: tensorboard --logdir {shlex.quote(str(Path(log_dir).parent))}")
         return lines
@@ -91,14 +91,16 @@ class RunSummary(Callback):
         return f"{subcommand} done{model}" + (f": {shown}" if shown and subcommand in ("test", "validate") else "") + where
 
 
-def without_ckpt_path(options: list[str]) -> list[str]:
-    """A command's options without ``--ckpt_path X`` / ``--ckpt_path=X``: fit's, for the next command's test."""
-    kept, skip = [], False
-    for option in options:
+def as_test(typed: list[str]) -> list[str]:
+    """fit's command line as typed (options may come before the subcommand) made a ``test`` of the same settings:
+    ``fit`` becomes ``test``, and ``--ckpt_path X`` / ``--ckpt_path=X`` are left out (the next one is added)."""
+    words, skip = [], False
+    for word in typed:
         if skip:
             skip = False
-        elif option == "--ckpt_path":
+        elif word == "--ckpt_path":
             skip = True
-        elif not option.startswith("--ckpt_path="):
-            kept.append(option)
-    return kept
+        elif not word.startswith("--ckpt_path="):
+            words.append(word)
+    at = words.index("fit") if "fit" in words else None
+    return words[:at] + ["test"] + words[at + 1:] if at is not None else ["test", *words]
