@@ -59,9 +59,6 @@ class Stopped(Exception):
         self.signum = signum
 
 
-# Loggers that keep each run in save_dir/name/version_N (with its checkpoints/): --ckpt_path last|best looks there.
-
-
 @rank_zero_only  # once, not by every process of a DDP run (their ranks are in the environment already)
 def say(message: str) -> None:
     print(message, file=sys.stderr)
@@ -263,9 +260,9 @@ class SENetCLI(LightningCLIHooks):
         except BaseException as err:
             start = self.graceful_stop.start_step  # None: training never started
             no_step = subcommand != "fit" or start is None or self.trainer.global_step == start  # only fit trains
-            own = run_folder(self.trainer.logger) if getattr(self, "trainer", None) else None
-            removed = new_folders.remove(own) if no_step and self.trainer.is_global_zero else []
-            if evaluated is not None and self.trainer.is_global_zero:  # the trained run's folder, as it was
+            first = self.trainer.is_global_zero
+            removed = new_folders.remove(run_folder(self.trainer.logger)) if no_step and first else []
+            if evaluated is not None and first:  # the trained run's folder, as it was
                 evaluated.restore()
             # A second Ctrl-C: a KeyboardInterrupt, which Lightning's own handling turns into exit status 1.
             # (A SIGTERMException, the first Ctrl-C's or a SIGTERM's, is a SystemExit too.)

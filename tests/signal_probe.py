@@ -8,7 +8,8 @@ import lightning.pytorch as L
 
 
 class SendSignal(L.Callback):
-    def __init__(self, phase: str, signum: int, step: int = 3, twice: bool = False, neighbour: str | None = None) -> None:
+    def __init__(self, phase: str, signum: int, step: int = 3, twice: bool = False,
+                 neighbour: str | None = None) -> None:
         """
         Args:
             phase: "sanity" (the sanity check's first batch), "training" (after optimizer step ``step``),

@@ -199,7 +199,8 @@ def test_a_written_test_accuracy_counts_and_fits_figures_outlive_a_cut_test(tmp_
 
     path.write_text(json.dumps(fit | {"test_acc": 0.961}))  # the accuracy was written, the process ended on its way out
     r = tta_outcome(cut, path, epochs=30)
-    assert (r["status"], r["test_acc"], r["stopped_early"]) == ("done", 0.961, False) and "after writing its result" in r["note"]
+    assert (r["status"], r["test_acc"], r["stopped_early"]) == ("done", 0.961, False)
+    assert "after writing its result" in r["note"]
     r = tta_outcome(Finished(0, "", "", 540.0, timed_out=False), path, epochs=30)
     assert (r["status"], r["process_seconds"]) == ("done", 540.0) and "note" not in r
 

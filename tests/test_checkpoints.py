@@ -318,7 +318,8 @@ def test_a_signal_before_the_first_step_saves_nothing_and_leaves_no_run(tmp_path
     assert not Path("lightning_logs").exists()  # no empty version_0 for --ckpt_path last to trip on, nor empty folders
 
 
-def test_a_run_stopped_before_its_first_step_removes_its_own_folder_only(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_a_run_stopped_before_its_first_step_removes_its_own_folder_only(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture) -> None:
     """Two fits started together (a sweep): the one stopped before its first step removes its own new run folder,
     not the other's, which appeared meanwhile and holds no checkpoint yet either."""
     make_dataset(tmp_path / "data")
