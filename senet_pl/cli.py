@@ -75,7 +75,8 @@ class SENetCLI(LightningCLIHooks):
         self.conflicts: list[str] = []  # between it and the command line
         self.evaluated_run: Path | None = None  # the trained run's folder that test/validate/... log into
         self.summary = RunSummary()
-        callbacks = [PredictionWriter(), TensorBoardFigures(), self.graceful_stop, self.summary]
+        self.predictions = PredictionWriter()
+        callbacks = [self.predictions, TensorBoardFigures(), self.graceful_stop, self.summary]
         kwargs.setdefault("trainer_defaults", {"callbacks": callbacks})
         kwargs.setdefault("trainer_class", Trainer)
         super().__init__(SEResNetClassifier, MNISTDataModule, **kwargs)
@@ -249,6 +250,9 @@ class SENetCLI(LightningCLIHooks):
             print(self.summary.eval_line(self.trainer, self.subcommand, ckpt_path, log_dir))
 
     after_validate = after_test = after_analyze = _after_evaluation
+
+    def after_predict(self) -> None:
+        print("\n".join(self.predictions.report))  # after the progress bar, not on its line
 
     def run_subcommand(self, subcommand: str) -> None:
         """Run it; on a failure before any training step, remove the run folders it created (no empty

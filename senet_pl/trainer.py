@@ -1,6 +1,7 @@
 """The Trainer of ``python -m senet_pl``: Lightning's, with the ``analyze`` and ``export`` subcommands and batch
 limits that read an integer as a number of batches."""
 
+import sys
 from typing import Any
 
 import lightning.pytorch as L
@@ -95,8 +96,12 @@ class Trainer(L.Trainer):
             raise CLIError(f"{ckpt_path} is a plain ResNet (se: false): it has no SE gates to analyze.")
         if model.hparams.test_hflip:  # the gates of the mirror images would overwrite those of the images
             raise CLIError("analyze records the gates of each image as it is: leave out --model.test_hflip.")
-        self.callbacks.append(ExcitationAnalysis(datamodule.short_class_names))
+        analysis = ExcitationAnalysis(datamodule.short_class_names)
+        self.callbacks.append(analysis)
         self.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
+        if analysis.report:  # after the progress bar, not on its line (process 0 only: it has the sums)
+            print(analysis.report[0])
+            print(analysis.report[1], file=sys.stderr)
 
     def export(self, model: SEResNetClassifier, datamodule: MNISTDataModule, ckpt_path: str | None = None,
                format: Format = "onnx", out: str | None = None) -> None:

@@ -95,9 +95,13 @@ def _csv(path: Path) -> list[dict[str, str]]:
 
 
 def test_predict_writes_one_row_per_test_image(trained: Path) -> None:
-    result = run_here(trained, "predict", *TINY, "--ckpt_path=last")
+    result = run_here(trained, "predict", *TINY, "--ckpt_path=last", "--trainer.enable_progress_bar=true")
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = _csv(_newest(trained, "predictions.csv"))
+    csv_path = _newest(trained, "predictions.csv")
+    # The summary is a line of its own, after the progress bar has closed (not appended to the bar's line).
+    lines = [line.split("\r")[-1] for line in result.stdout.splitlines()]
+    assert f"predictions for {N_TEST} images written to {csv_path.relative_to(trained)}" in lines, result.stdout[-2000:]
+    rows = _csv(csv_path)
     assert list(rows[0]) == ["index", "prediction", "class", "confidence", "top3"]
     assert sorted(int(r["index"]) for r in rows) == list(range(N_TEST))
     for r in rows:
@@ -144,9 +148,12 @@ def test_predict_dir_without_images_is_one_line(trained: Path, folder: str) -> N
 
 
 def test_analyze_writes_the_excitation_figure_table_and_summary(trained: Path) -> None:
-    result = run_here(trained, "analyze", *TINY, "--trainer.limit_test_batches=5", "--ckpt_path=last")
+    result = run_here(trained, "analyze", *TINY, "--trainer.limit_test_batches=5", "--ckpt_path=last",
+                      "--trainer.enable_progress_bar=true")
     assert result.returncode == 0, result.stderr[-3000:]
     folder = _newest(trained, "excitation.png").parent
+    summary = (folder / "excitation.txt").read_text().splitlines()
+    assert summary[0] in result.stdout.splitlines(), result.stdout[-2000:]  # a line of its own, after the progress bar
     rows = _csv(folder / "excitation.csv")
     blocks = {"layer1.1": 64, "layer2.1": 128, "layer3.1": 256, "layer4.1": 512}  # each stage's last block
     assert {r["block"] for r in rows} == set(blocks)

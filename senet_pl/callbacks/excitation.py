@@ -5,7 +5,6 @@
 """
 
 import csv
-import sys
 from pathlib import Path
 
 import lightning.pytorch as L
@@ -22,7 +21,7 @@ class ExcitationAnalysis(L.Callback):
     At the end it writes ``excitation.csv`` (block, class, channel, mean excitation; class "all" is
     every image), ``excitation.png`` (the paper's Fig. 6: a panel per block, a line per class) and
     ``excitation.txt`` (which blocks are class-agnostic and which class-specific) to the run folder,
-    logs the figure to TensorBoard, and prints the summary.
+    logs the figure to TensorBoard, and keeps the summary in ``report`` (printed once the progress bar has closed).
     """
 
     def __init__(self, class_names: list[str] | None = None) -> None:
@@ -31,12 +30,13 @@ class ExcitationAnalysis(L.Callback):
         self.counts: torch.Tensor | None = None
         self._gates: dict[str, torch.Tensor] = {}
         self._recording = None
+        self.report: list[str] = []
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         blocks = se_blocks(pl_module.model, last_per_stage=True)
         if not blocks:
             raise ValueError("the model has no SE blocks (se: false): there is no excitation to analyze.")
-        self.sums, self.counts = {}, None
+        self.sums, self.counts, self.report = {}, None, []
         self._recording = recording_gates(blocks, self._gates.__setitem__)
         self._recording.__enter__()
 
@@ -69,8 +69,7 @@ class ExcitationAnalysis(L.Callback):
         experiment = getattr(trainer.logger, "experiment", None)
         if hasattr(experiment, "add_figure"):
             experiment.add_figure("excitation/per_class", figure, trainer.global_step)
-        print(summary)
-        print(f"excitation analysis written to {folder}/excitation.{{png,csv,txt}}", file=sys.stderr)
+        self.report = [summary, f"excitation analysis written to {folder}/excitation.{{png,csv,txt}}"]
 
 
 def write_csv(path: Path, means: dict[str, torch.Tensor], class_names: list[str]) -> None:

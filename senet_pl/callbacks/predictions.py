@@ -18,6 +18,10 @@ class PredictionWriter(BasePredictionWriter):
     def __init__(self, top: int = 3) -> None:
         super().__init__(write_interval="epoch")
         self.top = top
+        self.report: list[str] = []  # what was written, printed by the CLI once the progress bar has closed
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self.report = []
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         # Lightning's training and evaluation loops stop at a batch boundary after SIGTERM; its predict loop does not.
@@ -40,8 +44,8 @@ class PredictionWriter(BasePredictionWriter):
         # The same rows as python -m senet_pl.infer writes (torch-free, so they are built in infer.py).
         write_csv(path, ["file" if files else "index", *PREDICTIONS_HEADER, f"top{top}"],
                   prediction_rows(names, probs.float().cpu().numpy(), classes, top))
-        print(f"predictions for {len(probs)} images written to {path}")
+        self.report.append(f"predictions for {len(probs)} images written to {path}")
         skipped = getattr(dm, "predict_skipped", None) if files else None
         if skipped and trainer.is_global_zero:
             write_csv(folder / "skipped.csv", ["file", "reason"], skipped)
-            print(f"{len(skipped)} unreadable files listed in {folder / 'skipped.csv'}")
+            self.report.append(f"{len(skipped)} unreadable files listed in {folder / 'skipped.csv'}")

@@ -82,8 +82,8 @@ class RunSummary(Callback):
 
     @staticmethod
     def eval_line(trainer: L.Trainer, subcommand: str, ckpt_path: str | None, log_dir: str | None) -> str:
-        """The end of test, validate and analyze: what was evaluated and where it was logged (predict's end is the
-        line of ``PredictionWriter``: the images and the CSV)."""
+        """The end of test, validate and analyze: what was evaluated and where it was logged (predict's end is
+        ``PredictionWriter.report``: the images and the CSV)."""
         metrics = {k: v for k, v in trainer.callback_metrics.items() if k.endswith("/acc")}
         shown = ", ".join(f"{k} {float(v):.4f}" for k, v in sorted(metrics.items()))
         where = f"; logged to {log_dir}" if log_dir and trainer.logger is not None else ""
