@@ -10,6 +10,7 @@ checkpoint carrying pickled code is refused before anything in it runs. (When th
 import os
 import pickle
 import re
+import stat
 import tempfile
 import zipfile
 from pathlib import Path
@@ -47,6 +48,7 @@ def load_checkpoint(path: PATH, map_location: Any = "cpu", mmap: bool = False) -
     ``mmap=True`` checks and reads the structure without reading the tensors' bytes.
     """
     try:
+        _check_file(path)
         _check_contents(path)  # also before a structure-only read: damaged bytes never reach the unpickler
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except CheckpointError:
@@ -63,18 +65,25 @@ def load_checkpoint(path: PATH, map_location: Any = "cpu", mmap: bool = False) -
             ) from None
         raise CheckpointError(f"cannot read checkpoint {path}: it is truncated or not a checkpoint.") from None
     except Exception as err:  # truncated zip, random bytes, wrong format: torch raises RuntimeError and others
-        if mmap and "mmap can only be used" in str(err):  # not a zip archive: read it the plain way
-            return load_checkpoint(path, map_location)
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(f"cannot read checkpoint {path}: it is truncated or not a checkpoint ({first}).") from None
+
+
+def _check_file(path: PATH) -> None:
+    """A checkpoint is a regular file in torch.save's zip format. Anything else is refused before it is read: a
+    device such as /dev/zero or a huge file of zeros would be read by torch's legacy loader until memory ran out,
+    and a FIFO would block."""
+    if not stat.S_ISREG(os.stat(path).st_mode):  # follows links; FileNotFoundError for a missing file
+        raise CheckpointError(f"cannot read checkpoint {path}: it is not a regular file (a folder, device or FIFO).")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"cannot read checkpoint {path}: it is truncated or not a checkpoint (not a zip archive, "
+                              "the format torch.save and Lightning write).")
 
 
 def _check_contents(path: PATH) -> None:
     """A checkpoint is a zip archive whose every entry carries a CRC-32; torch.load does not check them, so bytes
     damaged inside a tensor (a disk or copy fault) loaded as wrong weights, and a test reported NaN or a wrong
     accuracy without a word. Reading the archive once more costs a fraction of a second."""
-    if not zipfile.is_zipfile(path):
-        return  # not a zip archive: torch.load says what it is
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()

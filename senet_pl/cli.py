@@ -44,8 +44,8 @@ from senet_pl.module import NonFiniteLossError, SEResNetClassifier, SettingError
 from senet_pl.options import ShortErrorParser, check_clipping, check_options, check_seed
 from senet_pl.precision import ALIASES, fallback_message, resolve_precision
 from senet_pl.resume import keep_checkpoint_folders, reconcile, training_conflicts, weight_mismatch
-from senet_pl.runs import (CLIError, FolderSnapshot, NewRunFolders, expand_logger_paths, find_checkpoint,
-                           logger_root, name_plain_run, run_folder)
+from senet_pl.runs import (CLIError, FolderSnapshot, NewRunFolders, check_ckpt_spelling, expand_logger_paths,
+                           find_checkpoint, logger_root, name_plain_run, run_folder)
 from senet_pl.schedule import ScheduleError
 from senet_pl.trainer import Trainer, close_process_group
 from senet_pl.untrusted import CheckpointInfo, read_checkpoint
@@ -144,6 +144,7 @@ class SENetCLI(LightningCLIHooks):
                            "a checkpoint's path.")
         if cfg.get("ckpt_path") in ("last", "best", "auto"):
             cfg.ckpt_path = find_checkpoint(self._logger_root(), cfg.ckpt_path, subcommand)
+        check_ckpt_spelling(cfg.get("ckpt_path"))
         if not cfg.ckpt_path:
             if subcommand != "fit":  # Lightning would score the model's random initial weights, without a word
                 raise CLIError(f"{subcommand} needs a trained model: add --ckpt_path best, last or a checkpoint's path.")

@@ -1,6 +1,7 @@
 """The run folders of a logger (``save_dir/name/version_N``): which checkpoint ``--ckpt_path last|best|auto``
 means, and removing the folders a command made before it failed."""
 
+import difflib
 import os
 import shutil
 import sys
@@ -17,6 +18,18 @@ RUN_LOGGERS = ("TensorBoardLogger", "CSVLogger")  # the loggers whose save_dir/n
 
 class CLIError(Exception):
     """A command line that cannot be carried out; the message says what to do."""
+
+
+def check_ckpt_spelling(ckpt_path: str | None) -> None:
+    """An empty ``--ckpt_path`` (an unset shell variable) or a missing file named like ``best``/``last``/``auto``
+    (``bestt``, ``Last``) is a typo: say so in one line, rather than start afresh or report a missing file."""
+    if ckpt_path == "":
+        raise CLIError("--ckpt_path is empty (an unset variable?): leave it out to start a new run, or give best, "
+                       "last, auto or a checkpoint's path.")
+    if ckpt_path and not os.path.lexists(ckpt_path):
+        close = difflib.get_close_matches(ckpt_path.lower(), ["best", "last", "auto"], n=1, cutoff=0.6)
+        if close:
+            raise CLIError(f"--ckpt_path {ckpt_path}: no such file. Did you mean --ckpt_path {close[0]}?")
 
 
 def find_checkpoint(root: Path | None, name: str, subcommand: str) -> str | None:

@@ -2,6 +2,7 @@
 
 import errno
 import os
+import pickle
 import random
 import signal
 import subprocess
@@ -471,6 +472,38 @@ def test_checkpoint_with_pickled_code_is_refused_and_never_run(tmp_path: Path) -
             main([subcommand, *TINY, f"--ckpt_path={evil}"])
         assert "refused to load" in str(exit_.value.code)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("kind", ["legacy format", "raw pickle"])
+def test_pickled_code_outside_a_zip_archive_is_refused_and_never_run(tmp_path: Path, kind: str) -> None:
+    marker, evil = tmp_path / "pwned", tmp_path / "evil.ckpt"
+    payload = {"state_dict": {}, "payload": Payload(marker)}
+    if kind == "legacy format":
+        torch.save(payload, evil, _use_new_zipfile_serialization=False)
+    else:
+        evil.write_bytes(pickle.dumps(payload))
+    with pytest.raises(CheckpointError, match=f"cannot read checkpoint {evil}: .*not a zip archive"):
+        load_checkpoint(evil)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("kind", ["/dev/zero", "FIFO", "folder", "20 GB of zeros"])
+def test_a_checkpoint_path_that_is_no_checkpoint_file_is_refused_before_it_is_read(tmp_path: Path, kind: str) -> None:
+    """A device or a huge file of zeros was read by torch's legacy loader until memory ran out; a FIFO blocked."""
+    path = tmp_path / "model.ckpt"
+    if kind == "/dev/zero":
+        path.symlink_to("/dev/zero")
+    elif kind == "FIFO":
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        with open(path, "wb") as f:
+            f.truncate(20 * 2**30)  # sparse: no disk space used
+    expected = "not a zip archive" if kind == "20 GB of zeros" else "it is not a regular file"
+    for mmap in (False, True):
+        with pytest.raises(CheckpointError, match=f"cannot read checkpoint {path}: .*{expected}"):
+            load_checkpoint(path, mmap=mmap)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "random bytes", "empty"])

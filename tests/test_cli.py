@@ -189,6 +189,26 @@ def test_ckpt_path_auto_is_for_fit_only(trained: Path) -> None:
     assert sorted((trained / "lightning_logs/mnist").iterdir()) == before
 
 
+@pytest.mark.parametrize(("subcommand", "given", "said"), [
+    ("fit", "", "--ckpt_path is empty (an unset variable?): leave it out to start a new run, or give best, last, auto "
+                "or a checkpoint's path."),
+    ("fit", "Last", "--ckpt_path Last: no such file. Did you mean --ckpt_path last?"),
+    ("test", "bestt", "--ckpt_path bestt: no such file. Did you mean --ckpt_path best?"),
+    ("fit", "atuo", "--ckpt_path atuo: no such file. Did you mean --ckpt_path auto?"),
+])
+def test_a_ckpt_path_typo_is_one_line_that_suggests_the_word(trained: Path, subcommand: str, given: str,
+                                                              said: str) -> None:
+    before = sorted((trained / "lightning_logs/mnist").iterdir())
+    refused = run_here(trained, subcommand, *TINY, f"--ckpt_path={given}")
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines()[-1] == f"error: {said}", refused.stderr[-2000:]
+    assert sorted((trained / "lightning_logs/mnist").iterdir()) == before
+    (trained / "bestt").write_bytes(b"")  # a file of that name is a path, not a typo
+    named = run_here(trained, "test", *TINY, "--ckpt_path=bestt")
+    (trained / "bestt").unlink()
+    assert "Did you mean" not in named.stderr and "cannot read checkpoint bestt" in named.stderr
+
+
 def test_evaluating_into_a_named_version_keeps_its_training_config(trained: Path) -> None:
     """With the run's version given explicitly, test wrote its settings over the training's config.yaml."""
     config = trained / "lightning_logs/mnist/version_0/config.yaml"
