@@ -44,8 +44,8 @@ from senet_pl.module import NonFiniteLossError, SEResNetClassifier, SettingError
 from senet_pl.options import ShortErrorParser, check_clipping, check_options, check_seed
 from senet_pl.precision import ALIASES, fallback_message, resolve_precision
 from senet_pl.resume import keep_checkpoint_folders, reconcile, training_conflicts, weight_mismatch
-from senet_pl.runs import (CLIError, FolderSnapshot, NewRunFolders, check_ckpt_spelling, expand_logger_paths,
-                           find_checkpoint, logger_root, name_plain_run, run_folder)
+from senet_pl.runs import (CLIError, FolderSnapshot, NewRunFolders, check_ckpt_spelling, check_writable,
+                           expand_logger_paths, find_checkpoint, logger_root, name_plain_run, run_folder)
 from senet_pl.schedule import ScheduleError
 from senet_pl.trainer import Trainer, close_process_group
 from senet_pl.untrusted import CheckpointInfo, read_checkpoint
@@ -167,6 +167,7 @@ class SENetCLI(LightningCLIHooks):
             ckpt = Path(cfg.ckpt_path).resolve()
             if ckpt.parent.name == "checkpoints" and ckpt.parent.parent.parent == root.resolve():
                 cfg.trainer.logger.init_args.version = ckpt.parent.parent.name
+                check_writable(ckpt.parent.parent, cfg.ckpt_path, subcommand)
         if subcommand != "fit":  # a run's config.yaml records its training; this command's goes beside it
             self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": f"config_{subcommand}.yaml"}
             version = cfg.trainer.logger.init_args.get("version") if root is not None else None  # given, or the above

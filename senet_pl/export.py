@@ -198,8 +198,10 @@ def export(model: nn.Module, hparams: dict[str, Any], dm: MNISTDataModule, fmt: 
         os.replace(tmp, out)
     except BaseException as err:
         tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise ExportError(f"cannot write {out}: {err.strerror or err}.") from None
+        if isinstance(err, OSError):  # writing the file, unless the error names another (the images read ...)
+            other = err.filename is not None and Path(err.filename) not in (tmp, out, out.parent)
+            raise ExportError(f"cannot {'read ' + str(err.filename) if other else 'write ' + str(out)}: "
+                              f"{err.strerror or err}.") from None
         raise
     return result
 
@@ -214,10 +216,14 @@ def export_checkpoint(classifier: nn.Module, dm: MNISTDataModule, ckpt_path: str
     if named in get_args(Format) and named != fmt:  # an ONNX file named .pt2 (or the reverse) would not load as one
         raise ExportError(f"--out {out} names a .{named} file, but --format is {fmt}: give --format {named}, or an "
                           f"--out ending in .{fmt}.")
+    target = Path(out) if out else Path(ckpt_path).with_suffix(f".{fmt}")
+    if target.is_file() and (target.suffix.lower() not in (".onnx", ".pt2") or target.samefile(ckpt_path)):
+        # (an export replaces an earlier export; nothing else, least of all a checkpoint)
+        raise ExportError(f"{target} is an existing file that is not an exported model (.onnx or .pt2): it "
+                          "would be replaced. Give another --out, or remove the file first.")
     checkpoint = load_checkpoint(ckpt_path)
     weights = (as_lightning_checkpoint(checkpoint) if is_state_dict(checkpoint) else checkpoint)["state_dict"]
     classifier.load_state_dict(weights)
-    target = Path(out) if out else Path(ckpt_path).with_suffix(f".{fmt}")
     found = export(classifier.model, dict(classifier.hparams), dm, fmt, target, val_acc_of(checkpoint, ckpt_path),
                    ckpt_path)
     print(f"checked on {found['images']} {found['source']}: max |logit difference| {found['max_abs_diff']:.2g} "

@@ -13,6 +13,7 @@ installed (the data module turns the arrays into tensors).
 """
 
 import errno
+import os
 import stat
 import warnings
 from dataclasses import dataclass, field
@@ -159,29 +160,36 @@ def _read_file(path: Path, box: int, invert: Invert) -> np.ndarray:
             return to_training_style(_load_bounded(image), box, invert)
 
 
+def shown(name: str) -> str:
+    """A file name as text: bytes that are not UTF-8 (Python keeps them as lone surrogates, which no UTF-8 file can
+    hold) are written as escapes (``bad\\xffname.png``); every other name is unchanged."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def read_folder(folder: str | Path, box: int = 20, invert: Invert = "auto") -> ImageFolder:
     """Every file directly in ``folder`` that Pillow can decode (PNG, JPEG, BMP, ...), in name order.
 
     Every other entry is listed in ``skipped`` with the reason: files that cannot be opened or decoded,
     files above MAX_PIXELS, subfolders, broken symbolic links, FIFOs, sockets and devices."""
     images, files, skipped = [], [], []
-    for path in sorted(Path(folder).iterdir()):
+    for path in sorted(Path(folder).iterdir()):  # an unreadable folder: OSError, for the caller to word
+        name = shown(path.name)
         try:
             reason = _not_a_file(path)
             if reason is not None:
                 raise _Skipped(reason)
             images.append(_read_file(path, box, invert))
         except _Skipped as err:
-            skipped.append((path.name, str(err)))
+            skipped.append((name, str(err)))
         except UnidentifiedImageError:
-            skipped.append((path.name, "not an image Pillow can read"))
+            skipped.append((name, "not an image Pillow can read"))
         except Image.DecompressionBombError as err:
-            skipped.append((path.name, f"too large: {err}"))
+            skipped.append((name, f"too large: {err}"))
         except (OSError, ValueError) as err:
-            skipped.append((path.name, f"cannot decode: {err}"))
+            skipped.append((name, f"cannot decode: {err}"))
         except Exception as err:  # e.g. malformed metadata: one odd file must not stop the others
-            skipped.append((path.name, f"cannot convert: {type(err).__name__}: {err}"))
+            skipped.append((name, f"cannot convert: {type(err).__name__}: {err}"))
         else:
-            files.append(path.name)
+            files.append(name)
     stack = np.stack(images) if images else np.empty((0, 1, SIZE, SIZE), np.uint8)
     return ImageFolder(stack, files, skipped)

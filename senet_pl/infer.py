@@ -10,6 +10,7 @@ in its metadata, so this module prepares each file exactly as ``predict --data.p
 import argparse
 import csv
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,8 +42,29 @@ def prediction_rows(names: Sequence[Any], probs: np.ndarray, class_names: Sequen
 
 
 def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    with open(path, "w", newline="") as f:
-        csv.writer(f).writerows([header, *rows])
+    """Written whole beside ``path`` and renamed into place: a failure never leaves half a file, nor removes the
+    previous one."""
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        with open(partial, "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows([header, *rows])
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def write_predictions(folder: Path, name: str, header: Sequence[str], rows: Sequence[Sequence[Any]],
+                      skipped: Sequence[Sequence[str]] | None) -> list[str]:
+    """``name`` (predictions.csv) into ``folder``, and ``skipped.csv`` unless ``skipped`` is None; a skipped.csv of an
+    earlier run with files skipped is removed when none were this time. Returns what to tell the user."""
+    write_csv(folder / name, header, rows)
+    said = [f"predictions for {len(rows)} images written to {folder / name}"]
+    if skipped:
+        write_csv(folder / "skipped.csv", ["file", "reason"], skipped)
+        said.append(f"{len(skipped)} unreadable files listed in {folder / 'skipped.csv'}")
+    elif skipped is not None:
+        (folder / "skipped.csv").unlink(missing_ok=True)
+    return said
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -67,6 +89,11 @@ def check_metadata(text: str | None, path: str | Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != MARKER:
         raise InferError(f"{path} is not a model exported by senet_pl (no {METADATA_KEY!r} metadata): "
                          "export one with `python -m senet_pl export --format onnx`.")
+    names, dataset = meta.get("class_names"), meta.get("dataset")
+    if not (names is None or isinstance(names, list) and names and all(isinstance(n, str) for n in names)) or not (
+            dataset is None or isinstance(dataset, str)):
+        raise InferError(f"{path} has damaged {METADATA_KEY!r} metadata (class_names must be a list of names, dataset "
+                         "a name): export it again with `python -m senet_pl export --format onnx`.")
     return meta
 
 
@@ -86,11 +113,20 @@ def load_model(path: str | Path) -> tuple[Any, dict[str, Any]]:
     return session, meta
 
 
-def run_model(session: Any, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+def run_model(session: Any, images: np.ndarray, batch_size: int = 256, path: str | Path = "the model") -> np.ndarray:
     """Logits (N, classes) of uint8 images (N, 1, 28, 28), batch by batch."""
     name = session.get_inputs()[0].name
-    out = [session.run(None, {name: images[i : i + batch_size]})[0] for i in range(0, len(images), batch_size)]
-    return np.concatenate(out) if out else np.empty((0, 0), np.float32)
+    try:
+        out = [session.run(None, {name: images[i : i + batch_size]})[0] for i in range(0, len(images), batch_size)]
+    except Exception as err:  # a graph that does not take what export writes (onnxruntime's own error types)
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise InferError(f"{path} does not run on uint8 images N x 1 x {SIZE} x {SIZE} ({first[:200]}): export it "
+                         "again with `python -m senet_pl export --format onnx`.") from None
+    logits = np.concatenate(out) if out else np.empty((0, 0), np.float32)
+    if logits.ndim != 2 or len(logits) != len(images):
+        raise InferError(f"{path} gives outputs of shape {logits.shape}, not one row of logits per image: export it "
+                         "again with `python -m senet_pl export --format onnx`.")
+    return logits
 
 
 def infer(model: str | Path, folder: str | Path, out: str | Path = ".", invert: str = "auto",
@@ -100,26 +136,28 @@ def infer(model: str | Path, folder: str | Path, out: str | Path = ".", invert: 
     folder, out = Path(folder), Path(out)
     if not folder.is_dir():
         raise InferError(f"{folder} is not a folder: give the folder that holds your images.")
-    found = read_folder(folder, INK_BOX.get(meta.get("dataset"), SIZE), invert)  # type: ignore[arg-type]
+    try:
+        found = read_folder(folder, INK_BOX.get(meta.get("dataset"), SIZE), invert)  # type: ignore[arg-type]
+    except OSError as err:
+        raise InferError(f"cannot read the folder {folder}: {err.strerror or err}.") from None
     for name, reason in found.skipped:
         print(f"skipped {folder / name}: {reason}", file=sys.stderr)
     if not found.files:
         raise InferError(f"no readable image in {folder} ({len(found.skipped)} files skipped): nothing to predict.")
-    probs = softmax(run_model(session, found.images, batch_size).astype(np.float64))
+    probs = softmax(run_model(session, found.images, batch_size, model).astype(np.float64))
+    names = meta.get("class_names")
+    if names is not None and len(names) != probs.shape[1]:
+        raise InferError(f"{model} gives {probs.shape[1]} classes but its metadata names {len(names)}: export it again "
+                         "with `python -m senet_pl export --format onnx`.")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        path = out / "predictions.csv"
         top = min(3, probs.shape[1])
-        write_csv(path, ["file", *PREDICTIONS_HEADER, f"top{top}"],
-                  prediction_rows(found.files, probs, meta.get("class_names"), top))
-        if found.skipped:
-            write_csv(out / "skipped.csv", ["file", "reason"], found.skipped)
+        said = write_predictions(out, "predictions.csv", ["file", *PREDICTIONS_HEADER, f"top{top}"],
+                                 prediction_rows(found.files, probs, names, top), found.skipped)
     except OSError as err:
         raise InferError(f"cannot write into {out}: {err.strerror or err}.") from None
-    print(f"predictions for {len(found.files)} images written to {path}")
-    if found.skipped:
-        print(f"{len(found.skipped)} unreadable files listed in {out / 'skipped.csv'}")
-    return path
+    print("\n".join(said))
+    return out / "predictions.csv"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -32,6 +32,15 @@ def check_ckpt_spelling(ckpt_path: str | None) -> None:
             raise CLIError(f"--ckpt_path {ckpt_path}: no such file. Did you mean --ckpt_path {close[0]}?")
 
 
+def check_writable(run: Path, ckpt_path: str, subcommand: str) -> None:
+    """The run folder of the checkpoint, which the command logs into, can be written (a shared, read-only run
+    failed with a traceback once TensorBoard's logger tried)."""
+    if not os.access(run, os.W_OK | os.X_OK):
+        raise CLIError(f"cannot write into {run}, the run of {ckpt_path}, where {subcommand} logs: make it writable, "
+                       "or log elsewhere with --trainer.logger.save_dir DIR (and the checkpoint's path) or "
+                       "--trainer.logger false.")
+
+
 def find_checkpoint(root: Path | None, name: str, subcommand: str) -> str | None:
     """The file that ``--ckpt_path last|best|auto`` means: from the newest run of the configured logger.
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
+import torch
+
 from senet_pl.checkpoints import CheckpointError, is_state_dict, load_checkpoint
 
 LIGHTNING_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"  # what LightningCLI stores; never imported here
@@ -152,6 +154,12 @@ def check_structure(path: str, ckpt: dict) -> None:
     for key, kind in STRUCTURE.items():
         if key in ckpt and not isinstance(ckpt[key], kind) or (kind is int and type(ckpt.get(key, 0)) is not int):
             raise CheckpointError(f"refused {path}: its {key} is a {type(ckpt[key]).__name__}, not what fit writes.")
+    for key in ("state_dict", "current_model_state"):  # weights: names to tensors, as a module's state_dict
+        weights = ckpt.get(key, {})
+        bad = next((k for k, v in weights.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+        if bad is not None:
+            raise CheckpointError(f"refused {path}: its {key} holds {short(str(bad))} of type "
+                                  f"{type(weights[bad]).__name__}, not a tensor.")
     try:
         Version(ckpt["pytorch-lightning_version"])
     except InvalidVersion:

@@ -1,4 +1,5 @@
 import csv
+import os
 import shlex
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from senet_pl.callbacks.summary import as_test
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
+from senet_pl import runs
 from senet_pl.cli import main
 from senet_pl.options import SMALLEST
 from senet_pl.precision import resolve_precision
@@ -128,6 +130,35 @@ def test_predict_on_a_folder_of_own_images(trained: Path) -> None:
     assert [r["file"] for r in rows] == good
     assert all(0 <= int(r["prediction"]) < 10 and len(r["top3"].split()) == 3 for r in rows)
     assert [r["file"] for r in _csv(path / "skipped.csv")] == ["f_truncated.png", "notes.txt", "subfolder"]
+
+
+def test_predict_writes_every_name_and_only_this_runs_skipped_files(trained: Path) -> None:
+    """A file name that is not UTF-8 crashed predict after all its work; a skipped.csv of an earlier predict stayed
+    beside the new predictions.csv."""
+    good = mixed_folder(trained / "mixed")
+    assert run_here(trained, "predict", *TINY, "--ckpt_path=last", "--data.predict_dir=mixed").returncode == 0
+    folder = _newest(trained, "skipped.csv").parent
+    (trained / "clean").mkdir()
+    for name in (b"a.png", b"bad\xffname.png"):
+        (trained / "clean" / os.fsdecode(name)).write_bytes((trained / "mixed" / good[0]).read_bytes())
+    result = run_here(trained, "predict", *TINY, "--ckpt_path=last", "--data.predict_dir=clean")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [r["file"] for r in _csv(folder / "predictions.csv")] == ["a.png", "bad\\xffname.png"]
+    assert not (folder / "skipped.csv").exists()
+
+
+def test_evaluating_a_run_that_cannot_be_written_is_one_line(trained: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = trained / "lightning_logs/mnist/version_0"
+    before = sorted(p.name for p in run.iterdir())
+    real = os.access  # the run read-only (root may write anyway); every other path as it is
+    monkeypatch.setattr(runs.os, "access", lambda path, mode, **kw: Path(path) != run and real(path, mode, **kw))
+    result = run_here(trained, "test", *TINY, "--ckpt_path=last")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: cannot write into {run}, the run of lightning_logs/mnist/version_0/checkpoints/last.ckpt, where test "
+        "logs: make it writable, or log elsewhere with --trainer.logger.save_dir DIR (and the checkpoint's path) or "
+        "--trainer.logger false."), result.stderr[-2000:]
+    assert sorted(p.name for p in run.iterdir()) == before
 
 
 def test_a_checkpoint_of_another_dataset_is_refused(trained: Path) -> None:

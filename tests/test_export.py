@@ -210,3 +210,84 @@ def test_export_errors_are_one_line(run_copy: Path, monkeypatch: pytest.MonkeyPa
     assert error == ("error: ONNX export needs onnxruntime, which is not installed: install the export extra "
                      "(pip install -e '.[export]').")
     assert not list(Path().glob("m.onnx")) and not list(Path().glob(".partial-*"))
+
+
+def test_export_replaces_an_earlier_export_but_nothing_else(run_copy: Path) -> None:
+    """--out the checkpoint itself (or any other file) replaced it with an ONNX model: the training was lost."""
+    ckpt = Path("model.ckpt")
+    ckpt.write_bytes(run_copy.read_bytes())
+    Path("notes.txt").write_text("mine\n")
+    for out in ("model.ckpt", "notes.txt"):
+        error = cli("export", *TINY, "--ckpt_path=model.ckpt", f"--out={out}")
+        assert error == (f"error: {out} is an existing file that is not an exported model (.onnx or .pt2): it would "
+                         "be replaced. Give another --out, or remove the file first."), error
+    assert ckpt.read_bytes() == run_copy.read_bytes() and Path("notes.txt").read_text() == "mine\n"
+    Path("model.onnx").write_bytes(b"an earlier export")
+    assert cli("export", *TINY, "--ckpt_path=model.ckpt") is None  # beside the checkpoint, as model.onnx
+    assert onnx.load("model.onnx").graph.input[0].name
+
+
+def _forged(source: Path, target: Path, meta: dict | None = None, float_input: bool = False) -> None:
+    """The exported model with other metadata, or with a float input the graph does not take."""
+    model = onnx.load(source)
+    if meta is not None:
+        for prop in model.metadata_props:
+            if prop.key == METADATA_KEY:
+                prop.value = json.dumps(meta)
+    if float_input:
+        model.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    onnx.save(model, target)
+
+
+def test_infer_refuses_forged_metadata_and_odd_graphs_in_one_line(exported: dict, tmp_path: Path) -> None:
+    model = exported["cwd"] / "model.onnx"
+    meta = json.loads({p.key: p.value for p in onnx.load(model).metadata_props}[METADATA_KEY])
+    mixed_folder(tmp_path / "mine")
+    cases = {"list.onnx": ({**meta, "dataset": ["mnist"]}, False, "has damaged 'senet_pl' metadata"),
+             "names.onnx": ({**meta, "class_names": "0123456789"}, False, "has damaged 'senet_pl' metadata"),
+             "short.onnx": ({**meta, "class_names": ["a", "b"]}, False, "gives 10 classes but its metadata names 2"),
+             "float.onnx": (None, True, "does not run on uint8 images N x 1 x 28 x 28")}
+    for name, (forged, float_input, says) in cases.items():
+        _forged(model, tmp_path / name, forged, float_input)
+        result = infer(tmp_path, name, "mine", "--out", "out")
+        assert result.returncode == 1 and result.stderr.splitlines()[-1].startswith(f"error: {name}"), result.stderr
+        assert says in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "out" / "predictions.csv").exists()
+
+
+def test_infer_writes_every_name_and_only_this_runs_skipped_files(exported: dict, tmp_path: Path) -> None:
+    """A file name that is not UTF-8 stopped the CSV half-written (the earlier one gone); a skipped.csv of an earlier
+    run stayed beside the new predictions."""
+    good = mixed_folder(tmp_path / "mine")
+    model = str(exported["cwd"] / "model.onnx")
+    assert infer(tmp_path, model, "mine", "--out", "out").returncode == 0
+    assert (tmp_path / "out/skipped.csv").is_file()
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    source = (tmp_path / "mine" / good[0]).read_bytes()
+    for name in (b"a.png", b"bad\xffname.png", b"z.png"):
+        (clean / os.fsdecode(name)).write_bytes(source)
+    result = infer(tmp_path, model, "clean", "--out", "out")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [f for f, _ in _predictions(tmp_path / "out/predictions.csv")] == ["a.png", "bad\\xffname.png", "z.png"]
+    assert not (tmp_path / "out/skipped.csv").exists()  # nothing was skipped this time
+    assert not list((tmp_path / "out").glob(".*partial*"))
+
+
+def test_an_unreadable_folder_is_one_line(exported: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from senet_pl import images
+    from senet_pl.infer import InferError, infer as infer_here
+
+    listing = images.Path.iterdir
+
+    def refuse(self):  # as for a folder without read permission (root may read every folder)
+        if self.name == "locked":
+            raise PermissionError(13, "Permission denied", str(self))
+        return listing(self)
+
+    (tmp_path / "locked").mkdir()
+    monkeypatch.setattr(images.Path, "iterdir", refuse)
+    with pytest.raises(InferError, match="^cannot read the folder locked: Permission denied.$"):
+        infer_here(exported["cwd"] / "model.onnx", "locked")
+    assert cli("predict", *TINY, f"--ckpt_path={exported['best']}", "--data.predict_dir=locked") == (
+        "error: cannot read --data.predict_dir locked: Permission denied.")

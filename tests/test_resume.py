@@ -426,6 +426,7 @@ def test_a_run_resumed_into_a_new_folder_chooses_its_own_best(run_copy: Path, tm
         (lambda c: c.update(global_step=True), "its global_step is a bool"),
         (lambda c: c.update(optimizer_states=["x"]), "optimizer or scheduler states are not what fit writes"),
         (lambda c: c["datamodule_hyper_parameters"].update(split_seed=10**40), "--data.split_seed 1000"),
+        (lambda c: c["state_dict"].update({"model.fc.bias": 3}), "its state_dict holds 'model.fc.bias' of type int, not"),
     ],
 )
 def test_malformed_checkpoints_get_one_line(run_copy: Path, tmp_path: Path, damage, expected: str) -> None:

@@ -5,7 +5,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from senet_pl.callbacks.output import run_folder
-from senet_pl.infer import PREDICTIONS_HEADER, prediction_rows, write_csv
+from senet_pl.infer import PREDICTIONS_HEADER, prediction_rows, write_predictions
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -37,15 +37,12 @@ class PredictionWriter(BasePredictionWriter):
         files = getattr(dm, "predict_files", None)
         classes = getattr(dm, "class_names", None)
         suffix = f"_rank{trainer.global_rank}" if trainer.world_size > 1 else ""
-        folder = run_folder(trainer)
-        path = folder / f"predictions{suffix}.csv"
         top = min(self.top, probs.shape[1])
         names = [files[i] for i in indices] if files else indices
+        # Only the first process lists the skipped files (every process read the folder), or removes an earlier list.
+        skipped = (getattr(dm, "predict_skipped", None) if files else None) or []
         # The same rows as python -m senet_pl.infer writes (torch-free, so they are built in infer.py).
-        write_csv(path, ["file" if files else "index", *PREDICTIONS_HEADER, f"top{top}"],
-                  prediction_rows(names, probs.float().cpu().numpy(), classes, top))
-        self.report.append(f"predictions for {len(probs)} images written to {path}")
-        skipped = getattr(dm, "predict_skipped", None) if files else None
-        if skipped and trainer.is_global_zero:
-            write_csv(folder / "skipped.csv", ["file", "reason"], skipped)
-            self.report.append(f"{len(skipped)} unreadable files listed in {folder / 'skipped.csv'}")
+        self.report += write_predictions(run_folder(trainer), f"predictions{suffix}.csv",
+                                         ["file" if files else "index", *PREDICTIONS_HEADER, f"top{top}"],
+                                         prediction_rows(names, probs.float().cpu().numpy(), classes, top),
+                                         skipped if trainer.is_global_zero else None)

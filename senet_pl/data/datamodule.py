@@ -227,7 +227,10 @@ class MNISTDataModule(L.LightningDataModule):
         folder = Path(self.hparams.predict_dir)
         if not folder.is_dir():
             raise DataError(f"--data.predict_dir {folder} is not a folder: give the folder that holds your images.")
-        found = read_folder(folder, INK_BOX[self.hparams.dataset], self.hparams.invert)
+        try:
+            found = read_folder(folder, INK_BOX[self.hparams.dataset], self.hparams.invert)
+        except OSError as err:
+            raise DataError(f"cannot read --data.predict_dir {folder}: {err.strerror or err}.") from None
         for name, reason in found.skipped:
             print(f"skipped {folder / name}: {reason}", file=sys.stderr)
         if not found.files:
