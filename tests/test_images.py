@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from conftest import mixed_folder, stroke
 
@@ -43,9 +43,24 @@ def test_mnist_style_box_and_center_of_mass() -> None:
     rows, cols = (digit > 0).nonzero(as_tuple=True)
     assert rows.max() - rows.min() + 1 == 20  # the longer side scaled to the 20-pixel box
     com = [(torch.arange(28.0)[:, None] * digit).sum() / digit.sum(), (torch.arange(28.0) * digit).sum() / digit.sum()]
-    assert all(abs(c - 13.5) <= 0.5 for c in com)  # centered by its center of mass
+    assert all(abs(c - 14) <= 0.5 + 1e-9 for c in com)  # centered by its center of mass, at MNIST's (14, 14)
     frame = torch.from_numpy(to_training_style(image, box=28)[0])  # Fashion-MNIST/KMNIST: the content fills the frame
     assert (frame > 0).nonzero()[:, 0].max() - (frame > 0).nonzero()[:, 0].min() + 1 == 28
+
+
+def test_centers_of_mass_land_where_mnists_do() -> None:
+    """MNIST's digits have their center of mass at pixel (14, 14) (rows, columns from 0): the mean over the first 2,000
+    test digits is (13.99, 14.00), with the spread of whole-pixel shifts (0.29). Ours were at (13.5, 13.5)."""
+    rng = np.random.default_rng(0)
+    centers = []
+    for _ in range(60):  # random quadrilaterals: asymmetric shapes, so the whole-pixel shift's rounding varies
+        image = Image.new("L", (90, 90), 255)
+        ImageDraw.Draw(image).polygon([tuple(p) for p in rng.uniform(5, 85, (4, 2))], fill=0)
+        digit = to_training_style(image, box=20)[0].astype(np.float64)
+        rows, cols = np.indices(digit.shape)
+        centers.append([(rows * digit).sum() / digit.sum(), (cols * digit).sum() / digit.sum()])
+    mean = np.mean(centers, axis=0)
+    assert np.all(np.abs(mean - 14) < 0.15), mean
 
 
 @pytest.mark.parametrize("mode", ["RGB", "P", "I;16", "LA"])
@@ -133,6 +148,9 @@ def test_large_images_are_shrunk_before_conversion_with_the_same_result(
     folder = tmp_path / "mine"
     folder.mkdir()
     big = stroke((4200, 2800), box=(0.3, 0.2, 0.45, 0.7))  # JPEG: decoded at 1/2 scale
+    # A serif: a lone rectangle's center of mass needs a shift of exactly half a pixel to land on (14, 14), a tie
+    # that the small differences of shrinking would break either way.
+    ImageDraw.Draw(big).rectangle([0.3 * 4200, 0.6 * 2800, 0.52 * 4200, 0.7 * 2800], fill=0)
     big.save(folder / "a_gray.png")
     big.convert("P").save(folder / "b_palette.png")  # paletted: shrunk by averaging, not by picking pixels
     exif = Image.Exif()
