@@ -55,14 +55,23 @@ class ImageFolder:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file name, reason)
 
 
+class _Skipped(Exception):
+    """A folder entry that is not converted; the message says why."""
+
+
 def _grayscale(image: Image.Image) -> np.ndarray:
     """Any PIL image as float grayscale in [0, 255]; transparency is laid over white paper."""
     image = ImageOps.exif_transpose(image)  # phone photos are stored sideways with a rotation tag
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(white, image.convert("RGBA"))
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit or float: scale to 8 bits ourselves
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit, 32-bit or float: scale to 8 bits ourselves
         array = np.asarray(image, dtype=np.float32)
+        if not np.isfinite(array).all():
+            raise _Skipped("it holds NaN or infinite pixel values")
+        if image.mode == "F" and array.min() >= 0 and array.max() <= 1:  # floats in 0..1 (1 = white)
+            return array * 255
+        array = array - min(array.min(), 0)  # negative values (32-bit integers, floats) from 0 up
         top = array.max()
         return array * (255 / top) if top > 255 else array
     return np.asarray(image.convert("L"), dtype=np.float32)
@@ -105,10 +114,6 @@ def to_training_style(image: Image.Image, box: int = 20, invert: Invert = "auto"
         dy = dx = 0
     frame[offset + dy : offset + dy + box, offset + dx : offset + dx + box] = content
     return frame[np.newaxis]
-
-
-class _Skipped(Exception):
-    """A folder entry that is not converted; the message says why."""
 
 
 def _not_a_file(path: Path) -> str | None:
@@ -158,8 +163,11 @@ def _read_file(path: Path, box: int, invert: Invert) -> np.ndarray:
         raise _Skipped(f"cannot open: {err.strerror}") from None
     with file, warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_PIXELS is the tighter limit
-        with Image.open(file) as image:
-            return to_training_style(_load_bounded(image), box, invert)
+        with Image.open(file) as image:  # (an animation or a multi-page file: its first frame)
+            digit = to_training_style(_load_bounded(image), box, invert)
+    if not digit.any():  # no ink once the background is black: an empty page, a 1x1 image, all transparent
+        raise _Skipped("blank: one colour, nothing to classify")
+    return digit
 
 
 def shown(name: str) -> str:

@@ -1,6 +1,7 @@
 import errno
 import os
 import signal
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,37 @@ def no_hang():
     yield
     signal.alarm(0)
     signal.signal(signal.SIGALRM, previous)
+
+
+def test_float_and_signed_images_give_the_digit_of_their_8_bit_version(tmp_path: Path) -> None:
+    """A float TIFF in 0..1 (dark ink on white) came out blank, and one with negative values as noise."""
+    eight_bit = stroke((60, 40))
+    unit = np.asarray(eight_bit, dtype=np.float32) / 255
+    Image.fromarray(unit, mode="F").save(tmp_path / "unit.tif")
+    Image.fromarray((np.asarray(eight_bit, dtype=np.int32) - 128) * 1000, mode="I").save(tmp_path / "signed.tif")
+    found = read_folder(tmp_path)
+    assert found.files == ["signed.tif", "unit.tif"] and not found.skipped
+    for digit in found.images:
+        assert np.abs(digit.astype(int) - to_training_style(eight_bit).astype(int)).max() <= 1
+
+
+def test_blank_and_nan_images_are_skipped_with_the_reason(tmp_path: Path) -> None:
+    """Nothing to classify: they were predicted as some class (and NaN warned without naming the file)."""
+    Image.new("L", (50, 50), 255).save(tmp_path / "white.png")
+    Image.new("L", (50, 50), 0).save(tmp_path / "black.png")
+    Image.new("L", (1, 1), 90).save(tmp_path / "one_pixel.png")
+    Image.new("RGBA", (30, 30), (0, 0, 0, 0)).save(tmp_path / "transparent.png")
+    nan = np.asarray(stroke((60, 40)), dtype=np.float32) / 255
+    nan[0, 0] = np.nan
+    Image.fromarray(nan, mode="F").save(tmp_path / "nan.tif")
+    stroke((60, 40)).save(tmp_path / "z_digit.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        found = read_folder(tmp_path)
+    assert found.files == ["z_digit.png"]
+    blank = "blank: one colour, nothing to classify"
+    assert found.skipped == [("black.png", blank), ("nan.tif", "it holds NaN or infinite pixel values"),
+                             ("one_pixel.png", blank), ("transparent.png", blank), ("white.png", blank)]
 
 
 def test_entries_that_cannot_be_opened_are_listed_with_the_reason(
