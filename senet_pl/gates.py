@@ -66,8 +66,11 @@ def spread(means: torch.Tensor) -> float:
 
 def describe(means: dict[str, torch.Tensor], class_names: list[str]) -> str:
     """In words: per block, the mean gate, the spread across classes and what it means."""
+    first = next(iter(means.values()), None)
+    unseen = [n for k, n in enumerate(class_names) if first is not None and first[k].isnan().any()]
+    missing = f"; {len(unseen)} without images, left out: {', '.join(unseen)}" if unseen else ""
     lines = [
-        f"Excitation of the last SE block of each stage, averaged per class ({len(class_names)} classes).",
+        f"Excitation of the last SE block of each stage, averaged per class ({len(class_names)} classes{missing}).",
         "spread = mean over channels of the standard deviation across classes of the class-mean excitation;",
         f"a block is called class-specific at spread >= {SPECIFIC_SPREAD}, class-agnostic below.",
     ]

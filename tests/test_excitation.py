@@ -35,6 +35,10 @@ def test_spread_and_wording() -> None:
     text = describe({"layer1.1": same, "layer4.1": different}, [str(k) for k in range(10)])
     assert "SE_2_2 (layer1.1, 8 channels): mean gate 0.700, spread 0.000 -> class-agnostic" in text
     assert "SE_5_2 (layer4.1, 8 channels)" in text and "-> class-specific" in text
+    assert "averaged per class (10 classes)." in text
+    different[[2, 7]] = float("nan")  # classes without images (a test split cut short): class_means gives NaN
+    text = describe({"layer4.1": different}, [f"c{k}" for k in range(10)])
+    assert "averaged per class (10 classes; 2 without images, left out: c2, c7)." in text
 
 
 def test_class_means_equal_a_direct_computation(data_root: Path, tmp_path: Path) -> None:

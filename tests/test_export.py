@@ -291,3 +291,10 @@ def test_an_unreadable_folder_is_one_line(exported: dict, tmp_path: Path, monkey
         infer_here(exported["cwd"] / "model.onnx", "locked")
     assert cli("predict", *TINY, f"--ckpt_path={exported['best']}", "--data.predict_dir=locked") == (
         "error: cannot read --data.predict_dir locked: Permission denied.")
+
+
+def test_without_a_test_split_the_check_says_why_in_full(tmp_path: Path) -> None:
+    images, source = export_module.check_images(MNISTDataModule(data_dir=str(tmp_path / "none"), download=False), 8)
+    assert images.shape == (8, 1, 28, 28) and images.dtype == torch.uint8
+    assert source == f"random images (no test split: mnist: 4 of 4 files missing in {tmp_path / 'none'}/MNIST/raw and " \
+                     "download is off)"
