@@ -100,8 +100,12 @@ def check_metadata(text: str | None, path: str | Path) -> dict[str, Any]:
 def load_model(path: str | Path) -> tuple[Any, dict[str, Any]]:
     """An onnxruntime session (CPU) for an exported model, and its metadata."""
     ort = _onnxruntime()
-    if not Path(path).is_file():
+    if not Path(path).exists():
         raise InferError(f"{path}: no such file.")
+    try:
+        open(path, "rb").close()  # a folder, an unreadable file: said as such, not as a model onnxruntime rejects
+    except OSError as err:
+        raise InferError(f"cannot read {path}: {err.strerror or err}.") from None
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: the session's warnings are not the user's business
     try:

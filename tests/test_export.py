@@ -179,9 +179,11 @@ def test_infer_refuses_other_files_in_one_line(tmp_path: Path) -> None:
     Path("notes.txt").write_text("not a model\n")
     (tmp_path / "mine").mkdir()
     for model, says in (("other.onnx", "is not a model exported by senet_pl"),
-                        ("notes.txt", "is not an ONNX model onnxruntime can load"), ("gone.onnx", "no such file")):
+                        ("notes.txt", "is not an ONNX model onnxruntime can load"), ("gone.onnx", "no such file"),
+                        ("mine", "Is a directory")):
         result = infer(tmp_path, model, "mine")
-        assert result.returncode == 1 and result.stderr.startswith(f"error: {model}") and says in result.stderr
+        assert result.returncode == 1 and result.stderr.startswith("error: ") and says in result.stderr, result.stderr
+        assert f" {model}" in result.stderr
         assert result.stderr.count("\n") == 1, result.stderr
 
 
