@@ -26,6 +26,18 @@ def at_last_batch(trainer: L.Trainer) -> bool:
     return trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
 
 
+def stepped(trainer: L.Trainer) -> bool:
+    """In ``on_train_batch_end``: whether this batch ended with an optimizer step (with
+    ``--trainer.accumulate_grad_batches N``, N - 1 of every N batches only add to the gradients)."""
+    return not trainer.fit_loop.epoch_loop._should_accumulate()
+
+
+def hold_sigterm(trainer: L.Trainer, held: bool) -> None:
+    """Hide a received SIGTERM from the training loop, which stops at the end of a batch that has it (``held``), or
+    show it again."""
+    trainer._signal_connector.received_sigterm = not held
+
+
 def file_writer(experiment: Any) -> Any:
     """The low-level event-file writer of a TensorBoard SummaryWriter (for raw summaries such as HParams)."""
     return experiment._get_file_writer()

@@ -9,7 +9,7 @@ import lightning.pytorch as L
 
 class SendSignal(L.Callback):
     def __init__(self, phase: str, signum: int, step: int = 3, twice: bool = False,
-                 neighbour: str | None = None) -> None:
+                 neighbour: str | None = None, batch: int | None = None) -> None:
         """
         Args:
             phase: "sanity" (the sanity check's first batch), "training" (after optimizer step ``step``),
@@ -19,9 +19,11 @@ class SendSignal(L.Callback):
             step: for "training".
             twice: send it a second time at once (a user who presses Ctrl-C again).
             neighbour: a run folder to make first, with a file in it: another command's run, started beside this one.
+            batch: for "training": at the start of this training batch of the first epoch instead (the signal arrives
+                while the batch is computed).
         """
         self.phase, self.signum, self.step, self.twice, self.sent = phase, signum, step, twice, False
-        self.neighbour = neighbour
+        self.neighbour, self.batch = neighbour, batch
 
     def _send(self, now: bool) -> None:
         if now and not self.sent:
@@ -37,8 +39,11 @@ class SendSignal(L.Callback):
         phase = "sanity" if trainer.sanity_checking else "validation"
         self._send(self.phase == phase and batch_idx == 0)
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._send(self.phase == "training" and self.batch == batch_idx and trainer.current_epoch == 0)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._send(self.phase == "training" and trainer.global_step == self.step)
+        self._send(self.phase == "training" and self.batch is None and trainer.global_step == self.step)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         self._send(self.phase == "checkpoint")

@@ -171,12 +171,13 @@ def _probe(phase: str, signum: int) -> list[str]:
             f"--trainer.callbacks.signum={int(signum)}"]
 
 
-def _signalled(capsys: pytest.CaptureFixture, phase: str, signum: int, *args: str) -> tuple[int, str]:
-    """``main(ARGS)`` in this process, which sends itself SIGNUM at PHASE: exit status and stderr.
-    (Lightning's and GracefulStop's handlers are restored when the command ends.)"""
+def _signalled(capsys: pytest.CaptureFixture, phase: str, signum: int, *args: str,
+               batch: int | None = None) -> tuple[int, str]:
+    """``main(ARGS)`` in this process, which sends itself SIGNUM at PHASE (at the start of training batch BATCH):
+    exit status and stderr. (Lightning's and GracefulStop's handlers are restored when the command ends.)"""
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
-        main([*args, *_probe(phase, signum)])
+        main([*args, *_probe(phase, signum), *([f"--trainer.callbacks.batch={batch}"] if batch is not None else [])])
     return exit_.value.code, capsys.readouterr().err
 
 
@@ -212,6 +213,46 @@ def test_a_signal_in_any_phase_of_fit_keeps_every_step_and_resumes_exactly(
     assert logged["val/acc"] == expected["val/acc"] and logged["val/loss"] == expected["val/loss"]
     assert sorted(p.name for p in CHECKPOINTS.glob("best-*")) == sorted(
         p.name for p in uninterrupted_short.parent.glob("best-*"))
+
+
+ACCUMULATED = [*SHORT, "--trainer.accumulate_grad_batches=2"]  # 5 batches an epoch: steps after batches 2, 4 and 5
+
+
+@pytest.mark.parametrize(("signum", "status"), SIGNALS)
+def test_a_signal_between_accumulated_batches_waits_for_their_step(
+        tmp_path: Path, capsys: pytest.CaptureFixture, signum: int, status: int) -> None:
+    """Stopped after the first of two accumulated batches, the checkpoint counted that batch as done without its
+    gradients: the resumed run ended 3.6 away (largest weight difference) from the uninterrupted one."""
+    make_dataset(tmp_path / "data")
+    fit(*ACCUMULATED, "--trainer.logger.init_args.name=whole")
+    code, stderr = _signalled(capsys, "training", signum, "fit", *ACCUMULATED, batch=2)
+    assert code == status, stderr[-2000:]
+    assert "finishing this optimizer step first (--trainer.accumulate_grad_batches 2)" in stderr, stderr[-2000:]
+    last = CHECKPOINTS / "last.ckpt"
+    assert load_checkpoint(last)["global_step"] == 2  # batches 0-3: the step of batches 2 and 3 was finished
+    assert f"training stopped at step 2; {last} holds every step done" in stderr
+    fit(*ACCUMULATED, "--ckpt_path=last")
+    assert_same_weights(last, Path("lightning_logs/whole/version_0/checkpoints/last.ckpt"))
+
+
+def test_checkpoints_every_n_steps_are_written_after_a_step_not_between_accumulated_batches(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--last_checkpoint.every_n_train_steps wrote at step 0 after the first of the accumulated batches (0 % N is 0)."""
+    from senet_pl.callbacks.last import LatestCheckpoint
+    from senet_pl.compat import batches_done
+
+    make_dataset(tmp_path / "data")
+    written, save = [], LatestCheckpoint._save
+
+    def spy(self, trainer, again=False):
+        if not trainer.sanity_checking:  # (where _save writes nothing)
+            written.append((trainer.current_epoch, batches_done(trainer), trainer.global_step))
+        save(self, trainer, again)
+
+    monkeypatch.setattr(LatestCheckpoint, "_save", spy)
+    fit(*ACCUMULATED, "--last_checkpoint.every_n_train_steps=1")
+    steps = {(epoch, done, step) for epoch, done, step in written}
+    assert steps == {(e, done, 3 * e + k) for e in (0, 1) for done, k in ((2, 1), (4, 2), (5, 3))}, written
 
 
 def test_a_validation_stopped_again_in_its_rerun_runs_a_third_time(

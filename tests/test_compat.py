@@ -42,6 +42,28 @@ def test_fit_loop_progress_counts_batches_of_the_epoch(tmp_path) -> None:
     assert record.last == [False, False, True] * 2
 
 
+class Steps(L.Callback):
+    def __init__(self) -> None:
+        self.stepped, self.sigterm = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.stepped.append(compat.stepped(trainer))
+        compat.hold_sigterm(trainer, False)  # as a received SIGTERM: the loop must stop at the end of this batch
+        self.sigterm.append(trainer.received_sigterm)
+        compat.hold_sigterm(trainer, True)  # held: it goes on
+
+
+def test_stepped_follows_gradient_accumulation_and_a_held_sigterm_is_not_seen(tmp_path) -> None:
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(10, 2)), batch_size=2)
+    steps = Steps()
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[steps], default_root_dir=tmp_path,
+                        accumulate_grad_batches=2)
+    trainer.fit(Tiny(), data)  # a SIGTERM seen by the loop would raise SIGTERMException after the first batch
+    assert steps.stepped == [False, True, False, True, True]  # the last batch steps alone
+    assert steps.sigterm == [True] * 5 and trainer.global_step == 3
+
+
 def test_file_writer_of_a_summary_writer(tmp_path) -> None:
     writer = SummaryWriter(str(tmp_path))
     assert hasattr(compat.file_writer(writer), "add_summary")

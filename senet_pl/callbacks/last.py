@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from senet_pl.checkpoints import follow_run_folder
-from senet_pl.compat import at_last_batch, keep_epoch_open, rerun_cut_validation
+from senet_pl.compat import at_last_batch, hold_sigterm, keep_epoch_open, rerun_cut_validation, stepped
 
 
 class LatestCheckpoint(Checkpoint):
@@ -61,7 +61,9 @@ class LatestCheckpoint(Checkpoint):
         self.saved = (path, trainer.global_step)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
+        # Only after an optimizer step: a batch whose gradients wait for the next (accumulate_grad_batches) would be
+        # counted as done in the checkpoint, without them.
+        if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0 and stepped(trainer):
             self._save(trainer)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -100,6 +102,8 @@ class LatestCheckpoint(Checkpoint):
         # was written before the validation, which would count it as done.
         if isinstance(exception, SIGTERMException):
             self._cut_validation = trainer.validating and not trainer.sanity_checking
+            if trainer.training and not trainer.validating and not stepped(trainer):
+                return  # between the accumulated batches of a step (a signal just after GracefulStop held it): not exact
             try:
                 self._save(trainer, again=self._cut_validation)
             finally:
@@ -146,6 +150,7 @@ class GracefulStop(Callback):
         self.signal: int | None = None
         self.running = False  # the Trainer has set up (after the data module's setup)
         self.start_step: int | None = None  # the global step when training started (after a resume's restore)
+        self._held = False  # a SIGTERM held until the optimizer step that ends the accumulated batches
         self._previous: Any = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -156,6 +161,20 @@ class GracefulStop(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.start_step = trainer.global_step
+        self._held = False
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        # With --trainer.accumulate_grad_batches N, a stop between the batches of one optimizer step would checkpoint
+        # them as done without their gradients: the stop waits for the step (at most N - 1 more batches).
+        if trainer.received_sigterm and not stepped(trainer):
+            if not self._held and trainer.is_global_zero:
+                print(f"finishing this optimizer step first (--trainer.accumulate_grad_batches "
+                      f"{trainer.accumulate_grad_batches})", file=sys.stderr, flush=True)
+            hold_sigterm(trainer, True)
+            self._held = True
+        elif self._held and stepped(trainer):
+            hold_sigterm(trainer, False)
+            self._held = False
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         if self._previous is None:  # the command has ended (Lightning's teardown may reinstall this handler)
