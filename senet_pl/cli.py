@@ -177,6 +177,11 @@ class SENetCLI(LightningCLIHooks):
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config  # run=False has no subcommand
         check_options(cfg, self.subcommand, self._logger_root() if self.subcommand else None)
+        if cfg.trainer.get("val_check_interval") == 1 and type(cfg.trainer.val_check_interval) is int:
+            # Validation after every batch: Lightning's ModelCheckpoint takes the integer 1 for 1.0 (once an epoch) and
+            # would choose the best among the epochs' last validations only.
+            if cfg.checkpoint.get("save_on_train_epoch_end") is None:
+                cfg.checkpoint.save_on_train_epoch_end = False
         if cfg.trainer.logger is False:
             # No run folder: Lightning would write config.yaml into the working directory, over any file of that name.
             self.save_config_callback = None

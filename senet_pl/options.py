@@ -2,6 +2,7 @@
 own, each refused in one line before any work."""
 
 import re
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -13,6 +14,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from senet_pl.compat import clips_in_the_optimizer
 from senet_pl.model import MIN_IMAGE_SIZE
 from senet_pl.runs import CLIError
+from senet_pl.schedule import EPOCH_METRICS
 
 MAX_SEED = 2**32 - 1  # numpy's limit, which seed_everything passes the seed to
 
@@ -184,6 +186,14 @@ def check_options(cfg: Any, subcommand: str | None, root: Path | None) -> None:
             except (ValueError, TypeError, MisconfigurationException):
                 raise CLIError(f"--trainer.max_time {trainer.max_time}: write a duration as DD:HH:MM:SS "
                                "(00:01:30:00 is 90 minutes) or as {minutes: 90}.") from None
+            if _seconds(trainer.max_time) <= 0:
+                raise CLIError(f"--trainer.max_time {trainer.max_time} trains nothing: give a duration of at least a "
+                               "second (or leave it out).")
+        monitor, mode = cfg.checkpoint.get("monitor"), cfg.checkpoint.get("mode")
+        improves = EPOCH_METRICS.get(monitor, "min" if monitor and "loss" in monitor else None)
+        if improves is not None and mode != improves:  # the best checkpoint would be the worst
+            raise CLIError(f"--checkpoint.monitor {monitor} improves as it {'falls' if improves == 'min' else 'rises'}, "
+                           f"but --checkpoint.mode is {mode}: give --checkpoint.mode {improves}.")
     for folder in (*reversed(root.parents), root) if root is not None else ():
         if folder.exists() and not folder.is_dir():
             raise CLIError(
@@ -196,6 +206,14 @@ def check_options(cfg: Any, subcommand: str | None, root: Path | None) -> None:
     if folder is not None and (folder / "metrics.csv").exists():  # Lightning's CSV logger writes over it
         raise CLIError(f"--trainer.logger.init_args.version {version}: {folder} holds the metrics.csv of another "
                        "command, which the CSV logger would replace: leave the version out (a new version_N is made).")
+
+
+def _seconds(duration: Any) -> float:
+    """A max_time that Lightning's Timer accepted (DD:HH:MM:SS, a dict of timedelta's arguments, a timedelta)."""
+    if isinstance(duration, str):
+        days, hours, minutes, seconds = (int(part) for part in duration.strip().split(":"))
+        return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds).total_seconds()
+    return (duration if isinstance(duration, timedelta) else timedelta(**duration)).total_seconds()
 
 
 def check_clipping(trainer: Any, optimizer: Any) -> None:

@@ -509,6 +509,12 @@ def test_a_file_where_the_run_folders_go_is_one_line(tmp_path: Path) -> None:
         # Lightning would quietly train 1000 epochs (and stretch the cosine over them)
         (["--trainer.max_epochs=null"], "--trainer.max_epochs null sets no length (Lightning would train 1000 epochs)"),
         (["--trainer.max_time=banana"], "--trainer.max_time banana: write a duration as DD:HH:MM:SS"),
+        (["--trainer.max_time=00:00:00:00"], "--trainer.max_time 00:00:00:00 trains nothing"),
+        (["--trainer.max_time={minutes: 0}"], "trains nothing: give a duration of at least a second"),
+        # the best checkpoint would be the one of the highest loss (the recipes' mode is max, for val/acc)
+        (["--checkpoint.monitor=val/loss"], "--checkpoint.monitor val/loss improves as it falls, but --checkpoint.mode "
+                                            "is max: give --checkpoint.mode min."),
+        (["--checkpoint.monitor=val/acc", "--checkpoint.mode=min"], "give --checkpoint.mode max."),
         (["--trainer.limit_val_batches=-1"], "invalid value -1 for limit_val_batches"),  # Lightning's check, one line
         (["--trainer.val_check_interval=-1"], "invalid value -1 for val_check_interval"),
         (["--trainer.val_check_interval=5"], "`val_check_interval` (5) must be less than or equal to the number of the"),
@@ -961,3 +967,17 @@ def test_an_average_that_would_keep_the_initial_weights_is_said(data_root: Path)
         warnings.simplefilter("always")
         SENetCLI(args=["fit", *TINY, *ema, "--model.ema_decay=0.2", "--trainer.logger.init_args.version=short"])
     assert not [w for w in caught if "ema_decay" in str(w.message)]
+
+
+def test_validation_after_every_batch_keeps_the_best_of_all_validations(tmp_path: Path) -> None:
+    """--trainer.val_check_interval 1 (an integer: every batch): Lightning's ModelCheckpoint took it for 1.0 (every
+    epoch) and chose the best among the epochs' last validations only."""
+    make_dataset(tmp_path / "data")
+    result = run_here(tmp_path, "fit", *TINY, "--trainer.max_epochs=1", "--trainer.val_check_interval=1",
+                      "--trainer.limit_val_batches=4", "--model.warmup_steps=0", "--seed_everything=3")
+    assert result.returncode == 0, result.stderr[-2000:]
+    run_dir = tmp_path / "lightning_logs/mnist/version_0"
+    accuracies = [value for _, value in scalars(run_dir)["val/acc"]]
+    assert len(accuracies) == 3, accuracies  # (on an Intel Xeon, fp32: the best 0.25, the last 0.125, which was chosen)
+    (best,) = (run_dir / "checkpoints").glob("best-*.ckpt")
+    assert best.name == f"best-epoch00-acc{max(accuracies):.4f}.ckpt"
