@@ -45,7 +45,8 @@ from senet_pl.options import ShortErrorParser, check_clipping, check_options, ch
 from senet_pl.precision import ALIASES, fallback_message, resolve_precision
 from senet_pl.resume import keep_checkpoint_folders, reconcile, training_conflicts, weight_mismatch
 from senet_pl.runs import (CLIError, FolderSnapshot, NewRunFolders, check_ckpt_spelling, check_writable,
-                           expand_logger_paths, find_checkpoint, logger_root, name_plain_run, run_folder)
+                           expand_logger_paths, find_checkpoint, fixed_checkpoint_folder, logger_root, name_plain_run,
+                           refuse_replacing, run_folder)
 from senet_pl.schedule import ScheduleError
 from senet_pl.trainer import Trainer, close_process_group
 from senet_pl.untrusted import CheckpointInfo, read_checkpoint
@@ -142,12 +143,14 @@ class SENetCLI(LightningCLIHooks):
         if cfg.get("ckpt_path") == "auto" and subcommand != "fit":
             raise CLIError(f"--ckpt_path auto resumes a run or starts one (fit only): {subcommand} takes best, last or "
                            "a checkpoint's path.")
+        fixed = fixed_checkpoint_folder(cfg)
         if cfg.get("ckpt_path") in ("last", "best", "auto"):
-            cfg.ckpt_path = find_checkpoint(self._logger_root(), cfg.ckpt_path, subcommand)
+            cfg.ckpt_path = find_checkpoint(self._logger_root(), cfg.ckpt_path, subcommand, fixed)
         check_ckpt_spelling(cfg.get("ckpt_path"))
         if not cfg.ckpt_path:
             if subcommand != "fit":  # Lightning would score the model's random initial weights, without a word
                 raise CLIError(f"{subcommand} needs a trained model: add --ckpt_path best, last or a checkpoint's path.")
+            refuse_replacing(fixed)
             return
         info = read_checkpoint(cfg.ckpt_path, SEResNetClassifier, MNISTDataModule)
         if info.kind == "state_dict" and subcommand == "fit":

@@ -201,6 +201,12 @@ def check_options(cfg: Any, subcommand: str | None, root: Path | None) -> None:
                 "away, or choose another --trainer.logger.init_args.save_dir (or .name)."
             )
     logger = trainer.logger
+    named = logger.init_args.get("version") if root is not None else None
+    folder = root / (f"version_{named}" if isinstance(named, int) else str(named)) if named is not None else None
+    if subcommand == "fit" and not cfg.get("ckpt_path") and folder is not None and any(folder.glob("checkpoints/*.ckpt")):
+        raise CLIError(f"--trainer.logger.init_args.version {named}: {folder} holds a run, whose checkpoints a new run "
+                       f"would replace: resume it with --ckpt_path {folder / 'checkpoints' / 'last.ckpt'}, or leave the "
+                       "version out (a new version_N is made).")
     version = logger.init_args.get("version") if root is not None and logger.class_path.endswith("CSVLogger") else None
     folder = root / (f"version_{version}" if isinstance(version, int) else str(version)) if version is not None else None
     if folder is not None and (folder / "metrics.csv").exists():  # Lightning's CSV logger writes over it

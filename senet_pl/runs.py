@@ -41,21 +41,44 @@ def check_writable(run: Path, ckpt_path: str, subcommand: str) -> None:
                        "--trainer.logger false.")
 
 
-def find_checkpoint(root: Path | None, name: str, subcommand: str) -> str | None:
-    """The file that ``--ckpt_path last|best|auto`` means: from the newest run of the configured logger.
+def fixed_checkpoint_folder(cfg: Any) -> Path | None:
+    """The folder of last.ckpt when it is not a new run folder's: a ``--last_checkpoint.dirpath`` or
+    ``--checkpoint.dirpath`` given, or ``checkpoints/`` in the working directory (``default_root_dir``) without a
+    logger. Every fit writes there, so a new run would replace the last one's checkpoints."""
+    given = cfg.get("last_checkpoint", {}).get("dirpath") or cfg.get("checkpoint", {}).get("dirpath")
+    if given:
+        return Path(os.path.expanduser(os.path.expandvars(str(given))))
+    if logger_root(cfg.trainer.logger) is None:
+        return Path(cfg.trainer.get("default_root_dir") or ".") / "checkpoints"
+    return None
+
+
+def refuse_replacing(folder: Path | None) -> None:
+    """fit without --ckpt_path into a checkpoint folder that holds another run's last.ckpt: refused."""
+    if folder is not None and (folder / "last.ckpt").exists():
+        raise CLIError(f"{folder} already holds the last.ckpt of a run, which a new run would replace: resume it with "
+                       "--ckpt_path last, or give another --checkpoint.dirpath (or move the folder away).")
+
+
+def find_checkpoint(root: Path | None, name: str, subcommand: str, fixed: Path | None = None) -> str | None:
+    """The file that ``--ckpt_path last|best|auto`` means: from the newest run of the configured logger, or the
+    ``fixed`` checkpoint folder (``fixed_checkpoint_folder``) where there is one.
 
     ``auto`` (for job scripts that are rerun, e.g. requeued on SLURM) is ``last`` when a run exists
     and None (a new run) otherwise; ``last`` with nothing to resume is an error, never a silent fresh start.
     """
-    runs = sorted(root.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime) if root else []
+    if fixed is not None:
+        runs = [fixed / "last.ckpt"] if (fixed / "last.ckpt").is_file() else []
+    else:
+        runs = sorted(root.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime) if root else []
     if not runs:
         if name == "auto" and subcommand == "fit":
             print("--ckpt_path auto: no run to resume, starting a new one", file=sys.stderr)
             return None
-        where = f"under {root}/" if root else "(no TensorBoard or CSV logger is configured)"
+        where = f"{fixed} holds no last.ckpt" if fixed is not None else f"no run under {root}/ has a checkpoints/last.ckpt"
         fix = ("leave --ckpt_path out to start a new run, or use --ckpt_path auto to resume if there is a run and "
                "start one otherwise." if subcommand == "fit" else "or train one first with fit.")
-        raise CLIError(f"--ckpt_path {name}: no run {where} has a checkpoints/last.ckpt. Give the path of a checkpoint, {fix}")
+        raise CLIError(f"--ckpt_path {name}: {where}. Give the path of a checkpoint, {fix}")
     path = runs[-1]
     if name == "best":  # the best-checkpoint callback's record, kept in every checkpoint
         last = load_checkpoint(path, mmap=True)

@@ -15,6 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from senet_pl import runs
+from senet_pl.checkpoints import load_checkpoint
 from senet_pl.cli import main
 from senet_pl.options import SMALLEST
 from senet_pl.precision import resolve_precision
@@ -872,6 +873,30 @@ def test_a_run_without_a_logger_keeps_its_checkpoints_and_writes_nothing_else(tm
     assert again.returncode == 0 and "fit done: step 6 (0 in this run)" in again.stdout, again.stdout
     tested = run_here(tmp_path, "test", *TINY, "--trainer.logger=false", "--ckpt_path=checkpoints/last.ckpt")
     assert tested.returncode == 0 and "test/acc" in tested.stdout and "logged to" not in tested.stdout
+    # auto and last look in ./checkpoints (auto started afresh and replaced last.ckpt), and a new run is refused there
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    auto = run_here(tmp_path, "fit", *TINY, "--trainer.max_epochs=3", "--trainer.logger=false", "--ckpt_path=auto")
+    assert auto.returncode == 0 and "fit done: 3 epoch(s), step 9 (3 in this run)" in auto.stdout, auto.stderr[-2000:]
+    assert load_checkpoint(last)["global_step"] == 9
+    assert run_here(tmp_path, "test", *TINY, "--trainer.logger=false", "--ckpt_path=last").returncode == 0
+    before = last.read_bytes()
+    fresh = run_here(tmp_path, "fit", *TINY, "--trainer.max_epochs=1", "--trainer.logger=false")
+    assert fresh.returncode == 1 and fresh.stderr.strip().splitlines()[-1] == (
+        "error: checkpoints already holds the last.ckpt of a run, which a new run would replace: resume it with "
+        "--ckpt_path last, or give another --checkpoint.dirpath (or move the folder away)."), fresh.stderr[-2000:]
+    assert last.read_bytes() == before
+
+
+def test_a_new_run_into_a_given_checkpoint_folder_of_another_run_is_refused(tmp_path: Path) -> None:
+    """--checkpoint.dirpath names one folder for every run: a second fit replaced the first one's checkpoints."""
+    make_dataset(tmp_path / "data")
+    first = run_here(tmp_path, "fit", *TINY, "--trainer.max_epochs=1", "--checkpoint.dirpath=mine")
+    assert first.returncode == 0 and (tmp_path / "mine/last.ckpt").is_file(), first.stderr[-2000:]
+    second = run_here(tmp_path, "fit", *TINY, "--trainer.max_epochs=1", "--checkpoint.dirpath=mine")
+    assert second.returncode == 1 and "error: mine already holds the last.ckpt of a run" in second.stderr
+    assert sorted(p.name for p in (tmp_path / "lightning_logs/mnist").iterdir()) == ["version_0"]
+    resumed = run_here(tmp_path, "fit", *TINY, "--trainer.max_epochs=2", "--checkpoint.dirpath=mine", "--ckpt_path=last")
+    assert resumed.returncode == 0 and "step 6 (3 in this run)" in resumed.stdout, resumed.stderr[-2000:]
 
 
 @pytest.mark.parametrize(("every", "steps"), [(1, [0, 1, 2, 3, 4, 5]), (2, [0, 1, 3, 5])])
@@ -910,6 +935,19 @@ def test_a_run_without_checkpointing_writes_no_checkpoint(tmp_path: Path) -> Non
     assert "train/lr" in scalars(run_dir) and (run_dir / "config.yaml").is_file()
     assert not list(tmp_path.rglob("*.ckpt"))
     assert "fit done: 1 epoch(s), step 3" in result.stdout and "checkpoint" not in result.stdout
+
+
+def test_a_new_run_named_as_an_existing_version_is_refused(trained: Path) -> None:
+    """--trainer.logger.init_args.version 0 without --ckpt_path: a fresh run wrote over version_0's checkpoints."""
+    run = trained / "lightning_logs/mnist/version_0"
+    before = {p.name: p.stat().st_mtime_ns for p in run.rglob("*")}
+    result = run_here(trained, "fit", *TINY, "--trainer.logger.init_args.version=0")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --trainer.logger.init_args.version 0: lightning_logs/mnist/version_0 holds a run, whose checkpoints a "
+        "new run would replace: resume it with --ckpt_path lightning_logs/mnist/version_0/checkpoints/last.ckpt, or "
+        "leave the version out (a new version_N is made)."), result.stderr[-2000:]
+    assert {p.name: p.stat().st_mtime_ns for p in run.rglob("*")} == before
 
 
 def test_a_csv_logger_run_resumes_by_name_and_keeps_its_metrics(tmp_path: Path) -> None:

@@ -10,8 +10,13 @@ def run_as_cli(function: Callable[..., Any]) -> None:
     """Run ``function`` as a command line: its typed, documented arguments become the options (jsonargparse)."""
     from jsonargparse import ArgumentParser, auto_cli
 
+    from senet_pl.checkpoints import CheckpointError
     from senet_pl.compat import quiet
+    from senet_pl.data import DataError
+    from senet_pl.module import SettingError
     from senet_pl.options import ShortErrors
+    from senet_pl.runs import CLIError
+    from senet_pl.schedule import ScheduleError
 
     class ToolParser(ShortErrors, ArgumentParser):
         pass
@@ -20,4 +25,7 @@ def run_as_cli(function: Callable[..., Any]) -> None:
     # A bad option: one line and a pointer to --help, as python -m senet_pl (not the usage page and a nested report)
     spec = getattr(sys.modules["__main__"], "__spec__", None)  # python -m senet_pl.tools.study: its module
     prog = f"python -m {spec.name}" if spec is not None else None
-    auto_cli(function, args=sys.argv[1:], parser_class=ToolParser, prog=prog)
+    try:
+        auto_cli(function, args=sys.argv[1:], parser_class=ToolParser, prog=prog)
+    except (CLIError, DataError, CheckpointError, ScheduleError, SettingError) as err:  # a run's setting or data
+        sys.exit(f"error: {err}")

@@ -26,7 +26,7 @@ import time
 from types import SimpleNamespace
 
 import torch
-from jsonargparse.typing import PositiveInt
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 
 from senet_pl.precision import input_dtype, resolve_precision
 from senet_pl.tools import run_as_cli
@@ -223,12 +223,12 @@ def _one_case(args: SimpleNamespace) -> None:
 
 def bench(
     data_dir: str = "data",
-    val_size: int = 1000,
-    batch_28: int = 128,
-    steps: int = 8,
-    steps_224: int = 2,
-    data_steps: int = 300,
-    workers: int = 0,
+    val_size: PositiveInt = 1000,
+    batch_28: PositiveInt = 128,
+    steps: PositiveInt = 8,
+    steps_224: PositiveInt = 2,
+    data_steps: PositiveInt = 300,
+    workers: NonNegativeInt = 0,
     compile: bool = False,
     skip_224_training: bool = False,
     repeats: PositiveInt = 3,
@@ -275,7 +275,9 @@ def bench(
 
     from senet_pl.data import MNISTDataModule
 
-    MNISTDataModule(data_dir=data_dir, download=False).prepare_data()  # a clear error before any timing
+    data = MNISTDataModule(data_dir=data_dir, val_size=val_size, download=False)
+    data.prepare_data()  # a clear error before any timing (missing files, a val_size larger than the split)
+    data.setup("fit")
     argv = sys.argv[1:]
     rows = []
 

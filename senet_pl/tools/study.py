@@ -23,6 +23,7 @@ from jsonargparse.typing import PositiveFloat, PositiveInt
 from torch.utils.flop_counter import FlopCounterMode
 
 from senet_pl.data import DatasetName
+from senet_pl.runs import CLIError
 from senet_pl.tools import run_as_cli
 from senet_pl.tools.clock import TrainingClock
 
@@ -50,6 +51,10 @@ def _run(args: list[str]) -> dict:
         cli = SENetCLI(args=args, run=False)
     finally:
         sys.argv = argv
+    folder = Path(cli.trainer.log_dir)
+    if any(folder.glob("checkpoints/*.ckpt")):  # the runs' folders are named by model and seed, not numbered
+        raise CLIError(f"{folder} holds a run of an earlier study, which this one would replace: move "
+                       f"{folder.parent} away, or run the study in another folder.")
     clock = TrainingClock()
     cli.trainer.callbacks.append(clock)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
