@@ -6,6 +6,7 @@
   must agree with the checkpoint for every subcommand; a value the user gave (on the command line
   or in a ``--config`` file) that disagrees is refused, one line per conflict, and a value left at
   its default takes the checkpoint's, so that the run's ``config.yaml`` records what ran;
+- ``validate`` must keep the validation split (another split would hold images the model trained on);
 - a resumed ``fit`` must also keep the validation split and the schedule (``FIT_FIXED``, the
   optimizer and lr_scheduler), and may change the batch size, the seed and the number of processes
   only at an epoch boundary (mid-epoch, the position in the epoch would mean other samples);
@@ -63,10 +64,11 @@ def reconcile(info: CheckpointInfo, cfg: Any, explicit: Any, subcommand: str,
     for group, keys in FIT_FIXED.items():
         source = info.model if group == "model" else info.data
         for key in keys:
-            if fit:
+            # validate: on the split the model was validated on; another one would hold images it trained on
+            if fit or (subcommand == "validate" and group == "data"):
                 align(group, key, source)
             elif key in source and _get(_get(explicit, group), key) is None:
-                cfg[f"{group}.{key}"] = source[key]  # e.g. validate: the split the model was validated on
+                cfg[f"{group}.{key}"] = source[key]
     for key, has in zip(("num_classes", "in_channels"), data_shape(cfg.data.dataset)):
         if key in info.model and info.model[key] != has:
             lines.append(f"the checkpoint has {key} {info.model[key]}, but --data.dataset {cfg.data.dataset} has {has}")

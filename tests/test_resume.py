@@ -268,6 +268,15 @@ def test_evaluating_at_another_size_or_dataset_is_refused(run_copy: Path, tmp_pa
     assert message is not None and "--data.dataset kmnist, but the checkpoint has mnist" in message, message
 
 
+def test_validate_keeps_the_split_the_model_was_validated_on(run_copy: Path) -> None:
+    """Another val_size (the recipe's 5000 after training with 1000) validated on images the model trained on."""
+    message = cli("validate", *TINY, "--ckpt_path=last", "--data.val_size=24")  # TINY trained with 16 held out
+    assert message is not None and "--data.val_size 24, but the checkpoint has 16" in message, message
+    message = cli("validate", *TINY, "--ckpt_path=last", "--data.split_seed=7")
+    assert message is not None and "--data.split_seed 7, but the checkpoint has 42" in message, message
+    assert cli("test", *TINY, "--ckpt_path=last", "--data.val_size=24") is None  # the test split is another matter
+
+
 # -- files that are not checkpoints of this project ---------------------------------------------------
 
 
