@@ -11,6 +11,7 @@ from torchvision.transforms import v2
 from conftest import N_TEST, N_TRAIN, make_dataset, synthetic_split, write_idx
 
 from senet_pl.data import DATASETS, DataError, MNISTDataModule
+from senet_pl.data import idx as idx_module
 from senet_pl.data.memory import data_device
 from senet_pl.data.sampler import EpochBatchSampler, shard
 from senet_pl.data.transforms import Erasing, random_erasing, random_hflip, random_translate, resize_bilinear, transform_batch
@@ -396,6 +397,14 @@ def _break(raw: Path, case: str) -> str:
     if case == "count":
         write_idx(raw / "train-labels-idx1-ubyte", np.zeros(N_TRAIN - 1, np.uint8))
         return f"{N_TRAIN} images but .* {N_TRAIN - 1} labels"
+    if case == "no images":  # a valid header of 0 images, and 0 labels: torchvision's reader failed on it
+        write_idx(images, np.zeros((0, 28, 28), np.uint8))
+        write_idx(raw / "train-labels-idx1-ubyte", np.zeros(0, np.uint8))
+        return "train-images-idx3-ubyte holds no images"
+    if case == "folder":
+        images.unlink()
+        images.mkdir()
+        return "cannot read .*train-images-idx3-ubyte: Is a directory"
     if case == "corrupt gz":
         packed = gzip.compress(images.read_bytes())
         images.unlink()
@@ -404,7 +413,7 @@ def _break(raw: Path, case: str) -> str:
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case", ["truncated", "header only", "magic", "count", "corrupt gz"])
+@pytest.mark.parametrize("case", ["truncated", "header only", "magic", "count", "no images", "folder", "corrupt gz"])
 def test_bad_files_give_a_clear_error(data_root: Path, case: str) -> None:
     expected = _break(data_root / "MNIST" / "raw", case)
     with pytest.raises(DataError, match=expected) as err:
@@ -520,6 +529,23 @@ def test_damaged_gz_leaves_no_file_and_a_good_copy_then_works(data_root: Path, c
     gz.write_bytes(gzip.compress(original))  # the user replaces the download
     _module(data_root).prepare_data()
     assert images.read_bytes() == original
+
+
+def test_a_signal_while_decompressing_leaves_no_partial_file(data_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM or Ctrl-C in the middle of a .gz left a hidden partial file of a random name in raw/."""
+    raw = data_root / "MNIST" / "raw"
+    images = raw / "train-images-idx3-ubyte"
+    images.with_name(images.name + ".gz").write_bytes(gzip.compress(images.read_bytes()))
+    images.unlink()
+
+    def interrupted(src, dst, *args):
+        dst.write(src.read(1000))
+        raise KeyboardInterrupt  # as a signal's exception would, half-way
+
+    monkeypatch.setattr(idx_module.shutil, "copyfileobj", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _module(data_root).prepare_data()
+    assert not [p.name for p in raw.iterdir() if p.name.startswith(".") or p.name == images.name]
 
 
 def _age(path: Path, seconds: int) -> None:

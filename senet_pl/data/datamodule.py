@@ -174,6 +174,8 @@ class MNISTDataModule(L.LightningDataModule):
             (n_images, *size), n_labels = check_idx(images, 3), check_idx(labels, 1)[0]
             if n_images != n_labels:
                 raise DataError(f"{images} has {n_images} images but {labels} has {n_labels} labels.")
+            if n_images == 0:  # torchvision's reader fails on it with a traceback
+                raise DataError(f"{images} holds no images: replace it with the official file.")
             # Every split at the native size (SIZE, 28 for all three datasets): another size would be
             # resized silently and differ between splits.
             if size != [SIZE, SIZE]:

@@ -26,8 +26,11 @@ def check_idx(path: Path, ndim: int, name: str | None = None) -> tuple[int, ...]
     ``name`` is what the messages call the file (default: its path)."""
     name = name or str(path)
     header_size = 4 + 4 * ndim
-    with open(path, "rb") as f:
-        header = f.read(header_size)
+    try:
+        with open(path, "rb") as f:
+            header = f.read(header_size)
+    except OSError as err:  # a folder of that name, no permission ...
+        raise DataError(f"cannot read {name}: {err.strerror or err}. Replace it with the official file.") from None
     if len(header) < header_size:
         raise DataError(f"{name} is truncated: it has {len(header)} bytes, fewer than an IDX header.")
     magic, *dims = struct.unpack(f">{ndim + 1}I", header)
@@ -75,7 +78,9 @@ def decompress(gz: Path, target: Path, ndim: int) -> None:
         # into an empty file, and gzip of the wrong data into a wrong file.
         check_idx(Path(tmp), ndim, name="its content")
         os.replace(tmp, target)
-    except (OSError, EOFError, zlib.error, DataError) as err:  # zlib.error: a damaged deflate stream
+    except BaseException as err:  # a signal too: no partial file is left behind
         Path(tmp).unlink(missing_ok=True)
+        if not isinstance(err, (OSError, EOFError, zlib.error, DataError)):  # zlib.error: a damaged deflate stream
+            raise
         detail = str(err) if isinstance(err, DataError) else f"{err}."
         raise DataError(f"could not decompress {gz}: {detail} Replace it with a complete copy.") from None
