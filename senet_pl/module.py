@@ -20,7 +20,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from senet_pl.compat import estimated_steps
 from senet_pl.ema import EMA, EMA_INITIAL_SHARE
-from senet_pl.model import Depth, SEResNet, Stem
+from senet_pl.model import MIN_IMAGE_SIZE, Depth, SEResNet, Stem
 from senet_pl.schedule import ScheduleError, build_schedule, check_warmup, plateau_settings, ramp, resize, warmup
 
 T = TypeVar("T")
@@ -158,6 +158,19 @@ class SEResNetClassifier(L.LightningModule):
         # 2.6: 32 images on 3 processes count as 30), and under DDP the batches differ in size.
         self.val_loss = MeanMetric(nan_strategy="disable")
         self.test_loss = MeanMetric(nan_strategy="disable")
+
+    def setup(self, stage: str) -> None:
+        # Batch norm in training mode needs 2 values per channel: at the smallest image size (8 for the cifar stem,
+        # 32 for imagenet) the last stage's map is 1x1, and a batch of one image failed at the end of an epoch's work.
+        dm = self.trainer.datamodule
+        size = getattr(getattr(dm, "hparams", None), "image_size", None)
+        if stage == "fit" and size is not None and size <= MIN_IMAGE_SIZE[self.hparams.stem] and hasattr(
+                dm, "training_batch_sizes") and 1 in dm.training_batch_sizes():
+            raise SettingError(
+                f"--data.image_size {size} leaves the last stage of --model.stem {self.hparams.stem} a 1x1 map, where "
+                f"batch norm needs 2 images per batch, but a training batch holds 1 ({len(dm.train_set)} images in "
+                f"batches of {dm.hparams.batch_size}): change --data.batch_size or --data.val_size, or use a larger "
+                "--data.image_size.")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x.contiguous(memory_format=self.memory_format))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import N_TEST, REPO, TINY, cli, make_dataset, mixed_folder, run, run_here, scalars
+from conftest import FULL_EPOCHS, N_TEST, REPO, TINY, cli, make_dataset, mixed_folder, run, run_here, scalars
 
 from senet_pl.callbacks.summary import as_test
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -1005,6 +1005,21 @@ def test_an_average_that_would_keep_the_initial_weights_is_said(data_root: Path)
         warnings.simplefilter("always")
         SENetCLI(args=["fit", *TINY, *ema, "--model.ema_decay=0.2", "--trainer.logger.init_args.version=short"])
     assert not [w for w in caught if "ema_decay" in str(w.message)]
+
+
+@pytest.mark.parametrize(("args", "said"), [(["--data.val_size=15"], "(81 images in batches of 8)"),
+                                           (["--data.batch_size=1"], "(80 images in batches of 1)")])
+def test_a_batch_of_one_image_at_a_1x1_map_is_refused_before_training(tmp_path: Path, args: list[str],
+                                                                      said: str) -> None:
+    """At image_size 8 a last batch of one image failed in batch norm at the end of the epoch, with a traceback."""
+    make_dataset(tmp_path / "data")
+    result = run_here(tmp_path, "fit", *FULL_EPOCHS, "--trainer.max_epochs=1", *args)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --data.image_size 8 leaves the last stage of --model.stem cifar a 1x1 map, where batch norm needs 2 "
+        f"images per batch, but a training batch holds 1 {said}: change --data.batch_size or --data.val_size, or use "
+        "a larger --data.image_size."), result.stderr[-2000:]
+    assert not (tmp_path / "lightning_logs").exists()
 
 
 def test_validation_after_every_batch_keeps_the_best_of_all_validations(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from torchvision.datasets import KMNIST, MNIST, FashionMNIST
 
 from senet_pl.data.idx import DataError, check_idx, decompress, needs_decompressing
 from senet_pl.data.memory import InMemoryImages, data_device
-from senet_pl.data.sampler import EpochBatchSampler, ResumableLoader
+from senet_pl.data.sampler import EpochBatchSampler, ResumableLoader, shard
 from senet_pl.data.transforms import Erasing, transform_batch
 from senet_pl.images import INK_BOX, SIZE, Invert, read_folder
 from senet_pl.precision import input_dtype
@@ -285,6 +285,15 @@ class MNISTDataModule(L.LightningDataModule):
             return self.transform_batch(batch, False, dtype)
         x, y, seed = batch
         return [self.transform_batch(x, training, dtype, seed), y]
+
+    def training_batch_sizes(self) -> list[int]:
+        """The sizes of this process's training batches in an epoch (after setup("fit")); [] if the split cannot be
+        sharded (the training loader says why)."""
+        shards = {"replicas": self.trainer.world_size, "rank": self.trainer.global_rank} if self.trainer else {}
+        try:
+            return [stop - start for _, start, stop in shard(len(self.train_set), self.hparams.batch_size, **shards)]
+        except ValueError:
+            return []
 
     def first_training_images(self, count: int) -> list[torch.Tensor]:
         """The first ``count`` images of the training split (after setup("fit")) as uint8 batches of batch_size, in a
