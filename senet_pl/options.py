@@ -66,6 +66,11 @@ def short_error(message: str) -> str:
     or null, got 'abc'``; a range as ``expected an int > 0, got 0``; reasons that say more than "Expected a <class
     'int'>" after it; a short class name that two classes share as a choice between their paths. Any other message
     (a class option's nested report ...) as it is."""
+    if message.startswith("Unexpected config:"):  # a --config file that is empty, only comments, a list or a string
+        held = [line for line in message.removeprefix("Unexpected config:").strip().splitlines()
+                if line.strip() and not line.strip().startswith("#")]
+        what = f"it holds {held[0].strip()!r}{' ...' if len(held) > 1 else ''}" if held else "it is empty or only comments"
+        return f"a --config file holds no settings ({what}): write them as YAML keys, e.g. trainer: {{max_epochs: 5}}."
     found = PLAIN_ERROR.fullmatch(message.strip())  # the whole message: not a class option's nested report
     if found is not None:
         head = f"{found['key']}: expected "

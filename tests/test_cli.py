@@ -347,6 +347,9 @@ def test_missing_data_is_one_line_not_a_traceback(tmp_path: Path) -> None:
         (["--data.bogus=1"], "unrecognized arguments: --data.bogus=1"),
         (["--model.dept=34"], "unrecognized arguments: --model.dept=34"),  # no abbreviations: it would set depth
         (["--config=bad.yaml"], "depthh"),
+        (["--config=empty.yaml"], "a --config file holds no settings (it is empty or only comments): write them as "
+                                  "YAML keys, e.g. trainer: {max_epochs: 5}."),
+        (["--config=list.yaml"], "a --config file holds no settings (it holds '- 1' ...)"),
         (["--data.image_size=4"], "--data.image_size 4 is too small for --model.stem cifar"),
         (["--data.image_size=28", "--model.stem=imagenet"], "use an image_size of at least 32, or --model.stem cifar"),
     ],
@@ -356,6 +359,8 @@ def test_bad_values_stop_before_any_work(
 ) -> None:
     make_dataset(tmp_path / "data")
     (tmp_path / "bad.yaml").write_text("model:\n  depthh: 18\n")  # a typo in a config file
+    (tmp_path / "empty.yaml").write_text("# to be written\n")  # jsonargparse: "Unexpected config: # to be written"
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(SystemExit) as exit_:
         main(["fit", *TINY, *args])
     assert exit_.value.code != 0

@@ -176,6 +176,12 @@ def test_erasing_ranges_must_be_min_max(data_root: Path) -> None:
         _module(data_root, erasing_scale=(0.3, 0.1))
 
 
+def test_shifts_that_leave_no_image_are_refused(data_root: Path) -> None:
+    with pytest.raises(DataError, match=r"^--data.translate 28: a shift of 28 pixels or more moves a whole 28x28 image"):
+        MNISTDataModule(data_dir=str(data_root), translate=28)
+    assert MNISTDataModule(data_dir=str(data_root), translate=27).hparams.translate == 27
+
+
 def test_erasing_that_could_erase_no_pixel_is_refused(data_root: Path) -> None:
     with pytest.raises(DataError, match=r"--data.erasing_scale \[0.0, 0.0\] erases less than a pixel of a 28x28 image"):
         _module(data_root, erasing=0.5, erasing_scale=(0.0, 0.0))

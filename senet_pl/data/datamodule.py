@@ -101,6 +101,9 @@ class MNISTDataModule(L.LightningDataModule):
             raise DataError(f"--data.erasing_scale [{erasing_scale[0]}, {erasing_scale[1]}] erases less than a pixel of "
                             f"a {SIZE}x{SIZE} image, so --data.erasing {erasing} would erase nothing: give a larger "
                             "maximum, or --data.erasing 0.")
+        if translate >= SIZE:  # shifted out of the frame: a blank image, for most of the batch
+            raise DataError(f"--data.translate {translate}: a shift of {SIZE} pixels or more moves a whole {SIZE}x{SIZE} "
+                            f"image out of its frame; give at most {SIZE - 1} (the recipes shift by up to 2).")
         if not math.isfinite(erasing_value):  # YAML's .nan/.inf: the loss went non-finite at the first erased image
             raise DataError(f"--data.erasing_value {erasing_value}: give a finite value (in normalized units; 0 is the "
                             "dataset's mean pixel).")
