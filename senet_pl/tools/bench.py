@@ -273,11 +273,7 @@ def bench(
     if not training:
         return
 
-    from senet_pl.data import MNISTDataModule
-
-    data = MNISTDataModule(data_dir=data_dir, val_size=val_size, download=False)
-    data.prepare_data()  # a clear error before any timing (missing files, a val_size larger than the split)
-    data.setup("fit")
+    _datamodule(args, 28, batch_28, place=False)  # a clear error before any timing (no files, too large a val_size)
     argv = sys.argv[1:]
     rows = []
 
