@@ -300,3 +300,17 @@ def test_without_a_test_split_the_check_says_why_in_full(tmp_path: Path) -> None
     assert images.shape == (8, 1, 28, 28) and images.dtype == torch.uint8
     assert source == f"random images (no test split: mnist: 4 of 4 files missing in {tmp_path / 'none'}/MNIST/raw and " \
                      "download is off)"
+
+
+def test_a_signal_during_export_writes_no_file_and_says_so(run_copy: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    """It said "export stopped before it started", though the export had run."""
+    import signal
+
+    def interrupted(path, fmt, images):  # the check of the written file, interrupted by a SIGTERM
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(export_module, "run_exported", interrupted)
+    assert cli("export", *TINY, f"--ckpt_path={run_copy}", "--format=pt2", "--out=cut.pt2") == "143"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "SIGTERM: export stopped; no file was written."
+    assert not list(Path().glob("cut*")) and not list(Path().glob(".partial-*"))

@@ -203,6 +203,8 @@ class GracefulStop(Callback):
         stopped = "aborted at once" if aborted else "stopped"
         step = trainer.global_step
         gone = f" (the new run folder {removed[0]} was removed)" if removed else ""
+        if subcommand == "export":  # no Trainer loop: stopped while exporting or checking, the file not yet in place
+            return f"{name}: export {stopped}; no file was written."
         if not self.running:  # in data loading or setup, before the Trainer's loops
             return f"{name}: {subcommand} {stopped} before it started; nothing was written{gone}."
         if subcommand != "fit":
