@@ -46,7 +46,7 @@ from senet_pl.precision import ALIASES, fallback_message, resolve_precision
 from senet_pl.resume import keep_checkpoint_folders, reconcile, training_conflicts, weight_mismatch
 from senet_pl.runs import (CLIError, FolderSnapshot, NewRunFolders, check_ckpt_spelling, check_writable,
                            expand_logger_paths, find_checkpoint, fixed_checkpoint_folder, logger_root, name_plain_run,
-                           refuse_replacing, run_folder)
+                           named_run_folder, refuse_replacing, run_folder)
 from senet_pl.schedule import ScheduleError
 from senet_pl.trainer import Trainer, close_process_group
 from senet_pl.untrusted import CheckpointInfo, read_checkpoint
@@ -145,12 +145,15 @@ class SENetCLI(LightningCLIHooks):
                            "a checkpoint's path.")
         fixed = fixed_checkpoint_folder(cfg)
         if cfg.get("ckpt_path") in ("last", "best", "auto"):
-            cfg.ckpt_path = find_checkpoint(self._logger_root(), cfg.ckpt_path, subcommand, fixed)
+            named = named_run_folder(self._logger_root(), cfg.trainer.logger.init_args.get("version")
+                                     if self._logger_root() is not None else None)  # a run named: that run's
+            look = fixed or (named / "checkpoints" if named is not None else None)
+            cfg.ckpt_path = find_checkpoint(self._logger_root(), cfg.ckpt_path, subcommand, look)
         check_ckpt_spelling(cfg.get("ckpt_path"))
         if not cfg.ckpt_path:
             if subcommand != "fit":  # Lightning would score the model's random initial weights, without a word
                 raise CLIError(f"{subcommand} needs a trained model: add --ckpt_path best, last or a checkpoint's path.")
-            refuse_replacing(fixed)
+            refuse_replacing(fixed, cfg.trainer.get("enable_checkpointing") is not False)
             return
         info = read_checkpoint(cfg.ckpt_path, SEResNetClassifier, MNISTDataModule)
         if info.kind == "state_dict" and subcommand == "fit":
@@ -174,7 +177,7 @@ class SENetCLI(LightningCLIHooks):
         if subcommand != "fit":  # a run's config.yaml records its training; this command's goes beside it
             self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": f"config_{subcommand}.yaml"}
             version = cfg.trainer.logger.init_args.get("version") if root is not None else None  # given, or the above
-            folder = root / (f"version_{version}" if isinstance(version, int) else str(version)) if version is not None else None
+            folder = named_run_folder(root, version)
             self.evaluated_run = folder if folder is not None and folder.is_dir() else None
 
     def before_instantiate_classes(self) -> None:

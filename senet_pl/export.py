@@ -216,11 +216,12 @@ def export_checkpoint(classifier: nn.Module, dm: MNISTDataModule, ckpt_path: str
     if named in get_args(Format) and named != fmt:  # an ONNX file named .pt2 (or the reverse) would not load as one
         raise ExportError(f"--out {out} names a .{named} file, but --format is {fmt}: give --format {named}, or an "
                           f"--out ending in .{fmt}.")
+    if out and named != fmt and not Path(out).is_dir():  # (a folder gets its own message)
+        raise ExportError(f"--out {out}: give a file name ending in .{fmt}, which says what the file is (and an "
+                          "export replaces an earlier export, never another file).")
     target = Path(out) if out else Path(ckpt_path).with_suffix(f".{fmt}")
-    if target.is_file() and (target.suffix.lower() not in (".onnx", ".pt2") or target.samefile(ckpt_path)):
-        # (an export replaces an earlier export; nothing else, least of all a checkpoint)
-        raise ExportError(f"{target} is an existing file that is not an exported model (.onnx or .pt2): it "
-                          "would be replaced. Give another --out, or remove the file first.")
+    if target.is_file() and target.samefile(ckpt_path):  # a checkpoint named model.onnx, exported by default
+        raise ExportError(f"{target} is the checkpoint itself: give an --out ending in .{fmt}.")
     checkpoint = load_checkpoint(ckpt_path)
     weights = (as_lightning_checkpoint(checkpoint) if is_state_dict(checkpoint) else checkpoint)["state_dict"]
     classifier.load_state_dict(weights)

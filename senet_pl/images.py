@@ -66,14 +66,13 @@ def _grayscale(image: Image.Image) -> np.ndarray:
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(white, image.convert("RGBA"))
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit, 32-bit or float: scale to 8 bits ourselves
-        array = np.asarray(image, dtype=np.float32)
+        # Their scale is unknown (floats in 0..1 or a little beyond, 12 or 16 bits, signed values): the darkest
+        # pixel becomes 0 and the lightest 255, as the contrast stretch below would do anyway.
+        array = np.asarray(image, dtype=np.float64)
         if not np.isfinite(array).all():
             raise _Skipped("it holds NaN or infinite pixel values")
-        if image.mode == "F" and array.min() >= 0 and array.max() <= 1:  # floats in 0..1 (1 = white)
-            return array * 255
-        array = array - min(array.min(), 0)  # negative values (32-bit integers, floats) from 0 up
-        top = array.max()
-        return array * (255 / top) if top > 255 else array
+        low, high = array.min(), array.max()
+        return ((array - low) * (255 / (high - low)) if high > low else np.zeros_like(array)).astype(np.float32)
     return np.asarray(image.convert("L"), dtype=np.float32)
 
 

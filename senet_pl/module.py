@@ -164,8 +164,11 @@ class SEResNetClassifier(L.LightningModule):
         # 32 for imagenet) the last stage's map is 1x1, and a batch of one image failed at the end of an epoch's work.
         dm = self.trainer.datamodule
         size = getattr(getattr(dm, "hparams", None), "image_size", None)
-        if stage == "fit" and size is not None and size <= MIN_IMAGE_SIZE[self.hparams.stem] and hasattr(
-                dm, "training_batch_sizes") and 1 in dm.training_batch_sizes():
+        if stage != "fit" or size is None or size > MIN_IMAGE_SIZE[self.hparams.stem] or not hasattr(
+                dm, "training_batch_sizes"):
+            return
+        sizes, limit = dm.training_batch_sizes(), self.trainer.limit_train_batches  # a count, or a fraction of them
+        if 1 in (sizes[:limit] if isinstance(limit, int) else sizes[:int(len(sizes) * limit)]):  # the batches taken
             raise SettingError(
                 f"--data.image_size {size} leaves the last stage of --model.stem {self.hparams.stem} a 1x1 map, where "
                 f"batch norm needs 2 images per batch, but a training batch holds 1 ({len(dm.train_set)} images in "

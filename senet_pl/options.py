@@ -13,7 +13,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from senet_pl.compat import clips_in_the_optimizer
 from senet_pl.model import MIN_IMAGE_SIZE
-from senet_pl.runs import CLIError
+from senet_pl.runs import CLIError, named_run_folder
 from senet_pl.schedule import EPOCH_METRICS
 
 MAX_SEED = 2**32 - 1  # numpy's limit, which seed_everything passes the seed to
@@ -207,13 +207,13 @@ def check_options(cfg: Any, subcommand: str | None, root: Path | None) -> None:
             )
     logger = trainer.logger
     named = logger.init_args.get("version") if root is not None else None
-    folder = root / (f"version_{named}" if isinstance(named, int) else str(named)) if named is not None else None
+    folder = named_run_folder(root, named)
     if subcommand == "fit" and not cfg.get("ckpt_path") and folder is not None and any(folder.glob("checkpoints/*.ckpt")):
         raise CLIError(f"--trainer.logger.init_args.version {named}: {folder} holds a run, whose checkpoints a new run "
                        f"would replace: resume it with --ckpt_path {folder / 'checkpoints' / 'last.ckpt'}, or leave the "
                        "version out (a new version_N is made).")
     version = logger.init_args.get("version") if root is not None and logger.class_path.endswith("CSVLogger") else None
-    folder = root / (f"version_{version}" if isinstance(version, int) else str(version)) if version is not None else None
+    folder = named_run_folder(root, version)
     if folder is not None and (folder / "metrics.csv").exists():  # Lightning's CSV logger writes over it
         raise CLIError(f"--trainer.logger.init_args.version {version}: {folder} holds the metrics.csv of another "
                        "command, which the CSV logger would replace: leave the version out (a new version_N is made).")

@@ -47,15 +47,23 @@ def fixed_checkpoint_folder(cfg: Any) -> Path | None:
     logger. Every fit writes there, so a new run would replace the last one's checkpoints."""
     given = cfg.get("last_checkpoint", {}).get("dirpath") or cfg.get("checkpoint", {}).get("dirpath")
     if given:
-        return Path(os.path.expanduser(os.path.expandvars(str(given))))
+        return Path(str(given))  # (~ and $VARS expanded by expand_logger_paths, for the writers too)
     if logger_root(cfg.trainer.logger) is None:
         return Path(cfg.trainer.get("default_root_dir") or ".") / "checkpoints"
     return None
 
 
-def refuse_replacing(folder: Path | None) -> None:
-    """fit without --ckpt_path into a checkpoint folder that holds another run's last.ckpt: refused."""
-    if folder is not None and (folder / "last.ckpt").exists():
+def named_run_folder(root: Path | None, version: Any) -> Path | None:
+    """The run folder a logger's ``version`` names (``version_N`` for an int), under ``root``; None without one."""
+    if root is None or version is None:
+        return None
+    return root / (f"version_{version}" if isinstance(version, int) else str(version))
+
+
+def refuse_replacing(folder: Path | None, checkpointing: bool = True) -> None:
+    """fit without --ckpt_path into a checkpoint folder that holds another run's last.ckpt: refused (unless the run
+    writes no checkpoints)."""
+    if checkpointing and folder is not None and (folder / "last.ckpt").exists():
         raise CLIError(f"{folder} already holds the last.ckpt of a run, which a new run would replace: resume it with "
                        "--ckpt_path last, or give another --checkpoint.dirpath (or move the folder away).")
 
@@ -67,7 +75,7 @@ def find_checkpoint(root: Path | None, name: str, subcommand: str, fixed: Path |
     ``auto`` (for job scripts that are rerun, e.g. requeued on SLURM) is ``last`` when a run exists
     and None (a new run) otherwise; ``last`` with nothing to resume is an error, never a silent fresh start.
     """
-    if fixed is not None:
+    if fixed is not None:  # a given checkpoint folder, or a named version's (not the newest run of another name)
         runs = [fixed / "last.ckpt"] if (fixed / "last.ckpt").is_file() else []
     else:
         runs = sorted(root.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime) if root else []
@@ -170,17 +178,23 @@ def name_plain_run(cfg: Namespace) -> None:
 
 
 def expand_logger_paths(cfg: Namespace) -> None:
-    """``~`` and ``$VARS`` in the logger's save_dir and name, expanded once for everything: TensorBoard's logger
-    expands them in its own folder, Lightning's checkpoint callback does not (a run would be split between
-    $HOME/runs/... and a folder named ~ in the working directory), and the CSV logger does not either."""
+    """``~`` and ``$VARS`` in the logger's save_dir and name, and in the checkpoint folders, expanded once for
+    everything: TensorBoard's logger expands them in its own folder, Lightning's checkpoint callback does not (a run
+    would be split between $HOME/runs/... and a folder named ~ in the working directory), and the CSV logger does not
+    either; ``--ckpt_path last`` looks where the checkpoints are written."""
+    def path(value: str) -> str:  # in TensorBoard's order: variables, then a leading ~
+        return os.path.expanduser(os.path.expandvars(value))
+
     logger = cfg.trainer.logger
     if _run_logger(logger):
-        # in TensorBoard's order: variables, then a leading ~ (of save_dir: of the whole path, in its terms)
-        for key, expand in (("save_dir", lambda v: os.path.expanduser(os.path.expandvars(v))),
-                            ("name", os.path.expandvars)):
+        for key, expand in (("save_dir", path), ("name", os.path.expandvars)):
             value = logger.init_args.get(key)
             if isinstance(value, str):
                 logger.init_args[key] = expand(value)
+    for group, key in (("checkpoint", "dirpath"), ("last_checkpoint", "dirpath"), ("trainer", "default_root_dir")):
+        value = cfg.get(group, {}).get(key) if cfg.get(group) is not None else None
+        if isinstance(value, str):
+            cfg[group][key] = path(value)
 
 
 def logger_root(logger: Any) -> Path | None:

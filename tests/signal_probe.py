@@ -20,7 +20,9 @@ class SendSignal(L.Callback):
             twice: send it a second time at once (a user who presses Ctrl-C again).
             neighbour: a run folder to make first, with a file in it: another command's run, started beside this one.
             batch: for "training": at the start of this training batch of the first epoch instead (the signal arrives
-                while the batch is computed).
+                while the batch is computed); for "validation": the validation after this training batch of the
+                first epoch; for "stop": no signal, ``trainer.should_stop`` set at the end of this training batch of
+                the first epoch (as max_time's Timer or an early stop would).
         """
         self.phase, self.signum, self.step, self.twice, self.sent = phase, signum, step, twice, False
         self.neighbour, self.batch = neighbour, batch
@@ -37,13 +39,17 @@ class SendSignal(L.Callback):
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         phase = "sanity" if trainer.sanity_checking else "validation"
-        self._send(self.phase == phase and batch_idx == 0)
+        after = self.batch is None or (trainer.current_epoch == 0
+                                       and trainer.fit_loop.epoch_loop.batch_idx == self.batch)
+        self._send(self.phase == phase and batch_idx == 0 and after)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._send(self.phase == "training" and self.batch == batch_idx and trainer.current_epoch == 0)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._send(self.phase == "training" and self.batch is None and trainer.global_step == self.step)
+        if self.phase == "stop" and trainer.current_epoch == 0 and batch_idx == self.batch:
+            trainer.should_stop = True
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         self._send(self.phase == "checkpoint")

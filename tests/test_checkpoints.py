@@ -235,6 +235,33 @@ def test_a_signal_between_accumulated_batches_waits_for_their_step(
     assert_same_weights(last, Path("lightning_logs/whole/version_0/checkpoints/last.ckpt"))
 
 
+def test_a_signal_in_a_validation_between_accumulated_batches_resumes_exactly(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Validation after every batch validates between the two batches of a step: its last.ckpt counted the first
+    batch as done without its gradients (0.3 off after the resume), and so did a SIGTERM in that validation."""
+    make_dataset(tmp_path / "data")
+    every = [*ACCUMULATED, "--trainer.val_check_interval=1"]
+    fit(*every, "--trainer.logger.init_args.name=whole")
+    code, stderr = _signalled(capsys, "validation", signal.SIGTERM, "fit", *every, batch=2)  # batches 2, 3: a step
+    assert code == 143, stderr[-2000:]
+    last = CHECKPOINTS / "last.ckpt"
+    assert load_checkpoint(last)["global_step"] == 1 and f"training stopped at step 1; {last} holds every" in stderr
+    fit(*every, "--ckpt_path=last")
+    assert_same_weights(last, Path("lightning_logs/whole/version_0/checkpoints/last.ckpt"))
+
+
+def test_a_stop_asked_for_between_accumulated_batches_waits_for_their_step(tmp_path: Path) -> None:
+    """max_time's Timer (or an early stop) ended the run after the first of two accumulated batches: the checkpoint
+    counted it without its gradients (0.2 off after the resume)."""
+    make_dataset(tmp_path / "data")
+    fit(*ACCUMULATED, "--trainer.logger.init_args.name=whole")
+    fit(*ACCUMULATED, *_probe("stop", signal.SIGTERM), "--trainer.callbacks.batch=2")  # batches 2, 3: a step
+    last = CHECKPOINTS / "last.ckpt"
+    assert load_checkpoint(last)["global_step"] == 2  # stopped after batch 3, the step
+    fit(*ACCUMULATED, "--ckpt_path=last")
+    assert_same_weights(last, Path("lightning_logs/whole/version_0/checkpoints/last.ckpt"))
+
+
 def test_checkpoints_every_n_steps_are_written_after_a_step_not_between_accumulated_batches(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--last_checkpoint.every_n_train_steps wrote at step 0 after the first of the accumulated batches (0 % N is 0)."""

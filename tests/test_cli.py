@@ -890,6 +890,32 @@ def test_a_run_without_a_logger_keeps_its_checkpoints_and_writes_nothing_else(tm
         "error: checkpoints already holds the last.ckpt of a run, which a new run would replace: resume it with "
         "--ckpt_path last, or give another --checkpoint.dirpath (or move the folder away)."), fresh.stderr[-2000:]
     assert last.read_bytes() == before
+    quick = run_here(tmp_path, "fit", *TINY, "--trainer.max_epochs=1", "--trainer.logger=false",
+                     "--trainer.enable_checkpointing=false")  # writes no checkpoint: nothing to replace
+    assert quick.returncode == 0 and last.read_bytes() == before, quick.stderr[-2000:]
+
+
+def test_a_named_version_resumes_itself_and_checkpoint_folders_expand_like_the_logs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--ckpt_path auto with a named version resumed the newest run of any name (and wrote into it); ~ in a
+    checkpoint folder was a folder named ~ for the writers and $HOME for --ckpt_path last."""
+    make_dataset(tmp_path / "data")
+    for version in ("expA", "expB"):
+        result = run_here(tmp_path, "fit", *TINY, "--trainer.max_epochs=1",
+                          f"--trainer.logger.init_args.version={version}", "--ckpt_path=auto")
+        assert result.returncode == 0 and "step 3 (3 in this run)" in result.stdout, result.stderr[-2000:]
+    runs = tmp_path / "lightning_logs/mnist"
+    assert [load_checkpoint(runs / v / "checkpoints/last.ckpt")["global_step"] for v in ("expA", "expB")] == [3, 3]
+    again = run_here(tmp_path, "fit", *TINY, "--trainer.max_epochs=2", "--trainer.logger.init_args.version=expA",
+                     "--ckpt_path=auto")
+    assert "resolved to lightning_logs/mnist/expA/checkpoints/last.ckpt" in again.stderr, again.stderr[-2000:]
+    assert load_checkpoint(runs / "expA/checkpoints/last.ckpt")["global_step"] == 6
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    first = run_here(tmp_path, "fit", *TINY, "--trainer.max_epochs=1", "--last_checkpoint.dirpath=~/lk")
+    assert first.returncode == 0 and (tmp_path / "home/lk/last.ckpt").is_file() and not (tmp_path / "~").exists()
+    resumed = run_here(tmp_path, "fit", *TINY, "--trainer.max_epochs=2", "--last_checkpoint.dirpath=~/lk",
+                       "--ckpt_path=last")
+    assert resumed.returncode == 0 and "step 6 (3 in this run)" in resumed.stdout, resumed.stderr[-2000:]
 
 
 def test_a_new_run_into_a_given_checkpoint_folder_of_another_run_is_refused(tmp_path: Path) -> None:
@@ -1025,6 +1051,10 @@ def test_a_batch_of_one_image_at_a_1x1_map_is_refused_before_training(tmp_path: 
         f"images per batch, but a training batch holds 1 {said}: change --data.batch_size or --data.val_size, or use "
         "a larger --data.image_size."), result.stderr[-2000:]
     assert not (tmp_path / "lightning_logs").exists()
+    if "--data.val_size=15" in args:  # only the last batch holds one image: a run of 2 batches never reaches it
+        limited = run_here(tmp_path, "fit", *FULL_EPOCHS, "--trainer.max_epochs=1", *args,
+                           "--trainer.limit_train_batches=2")
+        assert limited.returncode == 0, limited.stderr[-2000:]
 
 
 def test_validation_after_every_batch_keeps_the_best_of_all_validations(tmp_path: Path) -> None:

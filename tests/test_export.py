@@ -219,10 +219,11 @@ def test_export_replaces_an_earlier_export_but_nothing_else(run_copy: Path) -> N
     ckpt = Path("model.ckpt")
     ckpt.write_bytes(run_copy.read_bytes())
     Path("notes.txt").write_text("mine\n")
-    for out in ("model.ckpt", "notes.txt"):
+    for out in ("model.ckpt", "notes.txt", "mymodel"):  # (a name without the suffix: refused before it exists too)
         error = cli("export", *TINY, "--ckpt_path=model.ckpt", f"--out={out}")
-        assert error == (f"error: {out} is an existing file that is not an exported model (.onnx or .pt2): it would "
-                         "be replaced. Give another --out, or remove the file first."), error
+        assert error == (f"error: --out {out}: give a file name ending in .onnx, which says what the file is (and an "
+                         "export replaces an earlier export, never another file)."), error
+    assert not Path("mymodel").exists()
     assert ckpt.read_bytes() == run_copy.read_bytes() and Path("notes.txt").read_text() == "mine\n"
     Path("model.onnx").write_bytes(b"an earlier export")
     assert cli("export", *TINY, "--ckpt_path=model.ckpt") is None  # beside the checkpoint, as model.onnx

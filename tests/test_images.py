@@ -94,8 +94,12 @@ def test_float_and_signed_images_give_the_digit_of_their_8_bit_version(tmp_path:
     unit = np.asarray(eight_bit, dtype=np.float32) / 255
     Image.fromarray(unit, mode="F").save(tmp_path / "unit.tif")
     Image.fromarray((np.asarray(eight_bit, dtype=np.int32) - 128) * 1000, mode="I").save(tmp_path / "signed.tif")
+    Image.fromarray(unit * 1.001 - 0.001, mode="F").save(tmp_path / "undershoot.tif")  # a resampling's overshoots
+    Image.fromarray(unit * 1.0001, mode="F").save(tmp_path / "overshoot.tif")
+    Image.fromarray(unit * 2, mode="F").save(tmp_path / "white_is_2.tif")
     found = read_folder(tmp_path)
-    assert found.files == ["signed.tif", "unit.tif"] and not found.skipped
+    assert found.files == ["overshoot.tif", "signed.tif", "undershoot.tif", "unit.tif", "white_is_2.tif"]
+    assert not found.skipped
     for digit in found.images:
         assert np.abs(digit.astype(int) - to_training_style(eight_bit).astype(int)).max() <= 1
 

@@ -110,7 +110,8 @@ def test_a_tools_missing_data_or_earlier_study_is_one_line(tmp_path: Path, monke
     result = _run_tool("study", "--seeds", "1", "--reductions", "[]", "--val_size", "16")
     assert result.returncode == 1 and result.stderr.splitlines()[-1] == (
         "error: lightning_logs/study_mnist_no_se/resnet_seed0 holds a run of an earlier study, which this one would "
-        "replace: move lightning_logs/study_mnist_no_se away, or run the study in another folder."), result.stderr
+        "replace: move study_mnist and study_mnist_no_se out of lightning_logs, or run the study in another folder."
+    ), result.stderr
     assert (earlier / "last.ckpt").read_bytes() == b"an earlier study's run"
 
 

@@ -48,6 +48,7 @@ class LatestCheckpoint(Checkpoint):
         self.saved: tuple[str, int] | None = None  # (path, global step) of the last file this process wrote
         self._cut_validation = False  # a signal stopped fit in a validation: its checkpoint reruns that validation
         self._cut_epoch = False  # max_steps or max_time ended the epoch early: its checkpoint resumes inside it
+        self._stop_held = False  # a stop held until the optimizer step that ends the accumulated batches
 
     def _save(self, trainer: L.Trainer, again: bool = False) -> None:
         already = self.saved is not None and self.saved[1] == trainer.global_step and not again
@@ -60,19 +61,28 @@ class LatestCheckpoint(Checkpoint):
         trainer.save_checkpoint(path, weights_only=False)
         self.saved = (path, trainer.global_step)
 
+    # With --trainer.accumulate_grad_batches N, a checkpoint is written only after an optimizer step: one written
+    # between the batches of a step would count them as done without their gradients (stepped).
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        # Only after an optimizer step: a batch whose gradients wait for the next (accumulate_grad_batches) would be
-        # counted as done in the checkpoint, without them.
+        # A stop asked for between the batches of a step (max_time: its Timer runs before this Checkpoint callback)
+        # waits for the step.
+        if trainer.should_stop and not stepped(trainer):
+            trainer.should_stop, self._stop_held = False, True
+        elif self._stop_held and stepped(trainer):
+            trainer.should_stop, self._stop_held = True, False
         if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0 and stepped(trainer):
             self._save(trainer)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Only validations in the middle of an epoch: at an epoch's end ModelCheckpoint saves the best in
         # on_train_epoch_end, which comes after the validation, and last.ckpt must record that best.
-        if not at_last_batch(trainer):
+        if not at_last_batch(trainer) and stepped(trainer):
             self._save(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not stepped(trainer):  # an epoch cut between accumulated batches (a stop set in a validation among them)
+            return
         self._cut_epoch = not at_last_batch(trainer)  # stopped by max_steps or max_time in the middle of the epoch
         try:
             self._save(trainer)
@@ -102,8 +112,8 @@ class LatestCheckpoint(Checkpoint):
         # was written before the validation, which would count it as done.
         if isinstance(exception, SIGTERMException):
             self._cut_validation = trainer.validating and not trainer.sanity_checking
-            if trainer.training and not trainer.validating and not stepped(trainer):
-                return  # between the accumulated batches of a step (a signal just after GracefulStop held it): not exact
+            if trainer.state.fn == "fit" and not trainer.sanity_checking and not stepped(trainer):
+                return  # between the accumulated batches of a step (in a validation there, or just after the hold)
             try:
                 self._save(trainer, again=self._cut_validation)
             finally:

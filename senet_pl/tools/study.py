@@ -53,8 +53,9 @@ def _run(args: list[str]) -> dict:
         sys.argv = argv
     folder = Path(cli.trainer.log_dir)
     if any(folder.glob("checkpoints/*.ckpt")):  # the runs' folders are named by model and seed, not numbered
-        raise CLIError(f"{folder} holds a run of an earlier study, which this one would replace: move "
-                       f"{folder.parent} away, or run the study in another folder.")
+        study = folder.parent.name.removesuffix("_no_se")  # the SE-ResNets' runs; the plain ResNet's: _no_se
+        raise CLIError(f"{folder} holds a run of an earlier study, which this one would replace: move {study} and "
+                       f"{study}_no_se out of {folder.parent.parent}, or run the study in another folder.")
     clock = TrainingClock()
     cli.trainer.callbacks.append(clock)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
