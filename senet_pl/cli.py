@@ -148,7 +148,8 @@ class SENetCLI(LightningCLIHooks):
             named = named_run_folder(self._logger_root(), cfg.trainer.logger.init_args.get("version")
                                      if self._logger_root() is not None else None)  # a run named: that run's
             look = fixed or (named / "checkpoints" if named is not None else None)
-            cfg.ckpt_path = find_checkpoint(self._logger_root(), cfg.ckpt_path, subcommand, look)
+            best_dir = Path(cfg.checkpoint.dirpath) if cfg.get("checkpoint", {}).get("dirpath") else None
+            cfg.ckpt_path = find_checkpoint(self._logger_root(), cfg.ckpt_path, subcommand, look, best_dir)
         check_ckpt_spelling(cfg.get("ckpt_path"))
         if not cfg.ckpt_path:
             if subcommand != "fit":  # Lightning would score the model's random initial weights, without a word

@@ -212,6 +212,7 @@ def export_checkpoint(classifier: nn.Module, dm: MNISTDataModule, ckpt_path: str
     whose shape the CLI has matched to it), export, check, and say what was done. Returns the file written."""
     if not ckpt_path:
         raise ExportError("export needs a trained model: add --ckpt_path PATH (or best / last).")
+    out = os.path.expanduser(os.path.expandvars(out)) if out else out  # as the checkpoint folders' (runs.py)
     named = Path(out).suffix.lower().lstrip(".") if out else None
     if named in get_args(Format) and named != fmt:  # an ONNX file named .pt2 (or the reverse) would not load as one
         raise ExportError(f"--out {out} names a .{named} file, but --format is {fmt}: give --format {named}, or an "

@@ -61,7 +61,7 @@ def write_predictions(folder: Path, name: str, header: Sequence[str], rows: Sequ
     said = [f"predictions for {len(rows)} images written to {folder / name}"]
     if skipped:
         write_csv(folder / "skipped.csv", ["file", "reason"], skipped)
-        said.append(f"{len(skipped)} unreadable files listed in {folder / 'skipped.csv'}")
+        said.append(f"{len(skipped)} skipped files listed, with the reason, in {folder / 'skipped.csv'}")
     elif skipped is not None:
         (folder / "skipped.csv").unlink(missing_ok=True)
     return said
@@ -137,7 +137,7 @@ def infer(model: str | Path, folder: str | Path, out: str | Path = ".", invert: 
           batch_size: int = 256) -> Path:
     """Classify every image file in ``folder``; writes OUT/predictions.csv (and skipped.csv); returns its path."""
     session, meta = load_model(model)
-    folder, out = Path(folder), Path(out)
+    folder, out = Path(folder).expanduser(), Path(out).expanduser()  # (~ from a quoted or YAML value)
     if not folder.is_dir():
         raise InferError(f"{folder} is not a folder: give the folder that holds your images.")
     try:

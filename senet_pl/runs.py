@@ -68,9 +68,11 @@ def refuse_replacing(folder: Path | None, checkpointing: bool = True) -> None:
                        "--ckpt_path last, or give another --checkpoint.dirpath (or move the folder away).")
 
 
-def find_checkpoint(root: Path | None, name: str, subcommand: str, fixed: Path | None = None) -> str | None:
+def find_checkpoint(root: Path | None, name: str, subcommand: str, fixed: Path | None = None,
+                    best_dir: Path | None = None) -> str | None:
     """The file that ``--ckpt_path last|best|auto`` means: from the newest run of the configured logger, or the
-    ``fixed`` checkpoint folder (``fixed_checkpoint_folder``) where there is one.
+    ``fixed`` checkpoint folder (``fixed_checkpoint_folder``) where there is one; ``best`` in ``best_dir`` (a
+    ``--checkpoint.dirpath`` given) or beside last.ckpt.
 
     ``auto`` (for job scripts that are rerun, e.g. requeued on SLURM) is ``last`` when a run exists
     and None (a new run) otherwise; ``last`` with nothing to resume is an error, never a silent fresh start.
@@ -93,12 +95,13 @@ def find_checkpoint(root: Path | None, name: str, subcommand: str, fixed: Path |
         callbacks = last.get("callbacks", {}) if isinstance(last, dict) else {}
         callbacks = callbacks if isinstance(callbacks, dict) else {}
         best = [s.get("best_model_path") for s in callbacks.values() if isinstance(s, dict) and s.get("monitor")]
-        # Only a file beside last.ckpt, in the same run's checkpoints folder, found by its name: the path recorded
-        # is relative to where training ran (and to where the run folder was then).
-        best = [path.parent / PurePath(b).name for b in best if isinstance(b, str) and PurePath(b).name]
+        # Only a file beside last.ckpt, in the same run's checkpoints folder (or the --checkpoint.dirpath given),
+        # found by its name: the path recorded is relative to where training ran (and to where the run folder was).
+        folder = best_dir or path.parent
+        best = [folder / PurePath(b).name for b in best if isinstance(b, str) and PurePath(b).name]
         # (and not a link to a file elsewhere)
-        if not best or not best[0].is_file() or best[0].resolve().parent != path.parent.resolve():
-            raise CLIError(f"--ckpt_path best: {path} records no best checkpoint that still exists beside it (a run "
+        if not best or not best[0].is_file() or best[0].resolve().parent != folder.resolve():
+            raise CLIError(f"--ckpt_path best: {path} records no best checkpoint that still exists in {folder} (a run "
                            "without validation has none): use --ckpt_path last, or give a checkpoint's path.")
         path = best[0]
     print(f"--ckpt_path {name} resolved to {path}", file=sys.stderr)

@@ -22,7 +22,8 @@ class SendSignal(L.Callback):
             batch: for "training": at the start of this training batch of the first epoch instead (the signal arrives
                 while the batch is computed); for "validation": the validation after this training batch of the
                 first epoch; for "stop": no signal, ``trainer.should_stop`` set at the end of this training batch of
-                the first epoch (as max_time's Timer or an early stop would).
+                the first epoch (as max_time's Timer would); for "stop in validation": set at the end of the validation
+                after it (as an early stop would).
         """
         self.phase, self.signum, self.step, self.twice, self.sent = phase, signum, step, twice, False
         self.neighbour, self.batch = neighbour, batch
@@ -59,3 +60,8 @@ class SendSignal(L.Callback):
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._send(self.phase == "predict")
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self.phase == "stop in validation" and not trainer.sanity_checking and trainer.current_epoch == 0 \
+                and trainer.fit_loop.epoch_loop.batch_idx == self.batch:
+            trainer.should_stop = True

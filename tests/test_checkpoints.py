@@ -4,6 +4,7 @@ import errno
 import os
 import pickle
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -238,14 +239,20 @@ def test_a_signal_between_accumulated_batches_waits_for_their_step(
 def test_a_signal_in_a_validation_between_accumulated_batches_resumes_exactly(
         tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """Validation after every batch validates between the two batches of a step: its last.ckpt counted the first
-    batch as done without its gradients (0.3 off after the resume), and so did a SIGTERM in that validation."""
+    batch as done without its gradients (0.3 off after the resume); a SIGTERM in that validation then wrote none."""
     make_dataset(tmp_path / "data")
     every = [*ACCUMULATED, "--trainer.val_check_interval=1"]
     fit(*every, "--trainer.logger.init_args.name=whole")
     code, stderr = _signalled(capsys, "validation", signal.SIGTERM, "fit", *every, batch=2)  # batches 2, 3: a step
     assert code == 143, stderr[-2000:]
     last = CHECKPOINTS / "last.ckpt"
-    assert load_checkpoint(last)["global_step"] == 1 and f"training stopped at step 1; {last} holds every" in stderr
+    assert "finishing this optimizer step first" in stderr and f"training stopped at step 2; {last} holds every" in stderr
+    assert load_checkpoint(last)["global_step"] == 2  # the validation ended whole, then batch 3 and its step
+    fit(*every, "--ckpt_path=last")
+    assert_same_weights(last, Path("lightning_logs/whole/version_0/checkpoints/last.ckpt"))
+    shutil.rmtree("lightning_logs/mnist")  # an early stop in that validation: it too waits for the step
+    fit(*every, *_probe("stop in validation", signal.SIGTERM), "--trainer.callbacks.batch=2")
+    assert load_checkpoint(last)["global_step"] == 2
     fit(*every, "--ckpt_path=last")
     assert_same_weights(last, Path("lightning_logs/whole/version_0/checkpoints/last.ckpt"))
 

@@ -928,6 +928,11 @@ def test_a_new_run_into_a_given_checkpoint_folder_of_another_run_is_refused(tmp_
     assert sorted(p.name for p in (tmp_path / "lightning_logs/mnist").iterdir()) == ["version_0"]
     resumed = run_here(tmp_path, "fit", *TINY, "--trainer.max_epochs=2", "--checkpoint.dirpath=mine", "--ckpt_path=last")
     assert resumed.returncode == 0 and "step 6 (3 in this run)" in resumed.stdout, resumed.stderr[-2000:]
+    # the best checkpoint in its own folder, last.ckpt in another: --ckpt_path best finds it
+    both = ["--checkpoint.dirpath=bestdir", "--last_checkpoint.dirpath=lastdir"]
+    assert run_here(tmp_path, "fit", *TINY, "--trainer.max_epochs=1", *both).returncode == 0
+    tested = run_here(tmp_path, "test", *TINY, *both, "--ckpt_path=best")
+    assert tested.returncode == 0 and "--ckpt_path best resolved to bestdir/best-" in tested.stderr, tested.stderr[-2000:]
 
 
 @pytest.mark.parametrize(("every", "steps"), [(1, [0, 1, 2, 3, 4, 5]), (2, [0, 1, 3, 5])])

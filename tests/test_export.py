@@ -315,3 +315,11 @@ def test_a_signal_during_export_writes_no_file_and_says_so(run_copy: Path, monke
     assert cli("export", *TINY, f"--ckpt_path={run_copy}", "--format=pt2", "--out=cut.pt2") == "143"
     assert capsys.readouterr().err.strip().splitlines()[-1] == "SIGTERM: export stopped; no file was written."
     assert not list(Path().glob("cut*")) and not list(Path().glob(".partial-*"))
+
+
+def test_a_home_folder_in_out_is_expanded(run_copy: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """--out '~/m.onnx' (quoted, or from a YAML file) was "cannot write ~/m.onnx: No such file or directory"."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    assert cli("export", *TINY, f"--ckpt_path={run_copy}", "--out=~/m.onnx") is None
+    assert (tmp_path / "home/m.onnx").is_file() and not Path("~").exists()

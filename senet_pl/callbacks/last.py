@@ -75,6 +75,8 @@ class LatestCheckpoint(Checkpoint):
             self._save(trainer)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.should_stop and not stepped(trainer):  # an early stop between the batches of a step: wait for it
+            trainer.should_stop, self._stop_held = False, True
         # Only validations in the middle of an epoch: at an epoch's end ModelCheckpoint saves the best in
         # on_train_epoch_end, which comes after the validation, and last.ckpt must record that best.
         if not at_last_batch(trainer) and stepped(trainer):
@@ -177,14 +179,23 @@ class GracefulStop(Callback):
         # With --trainer.accumulate_grad_batches N, a stop between the batches of one optimizer step would checkpoint
         # them as done without their gradients: the stop waits for the step (at most N - 1 more batches).
         if trainer.received_sigterm and not stepped(trainer):
-            if not self._held and trainer.is_global_zero:
-                print(f"finishing this optimizer step first (--trainer.accumulate_grad_batches "
-                      f"{trainer.accumulate_grad_batches})", file=sys.stderr, flush=True)
-            hold_sigterm(trainer, True)
-            self._held = True
+            self._hold(trainer)
         elif self._held and stepped(trainer):
             hold_sigterm(trainer, False)
             self._held = False
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        # A validation between the batches of a step (val_check_interval): it ends whole, the stop waits for the step.
+        fitting = trainer.state.fn == "fit" and not trainer.sanity_checking
+        if fitting and trainer.received_sigterm and not stepped(trainer):
+            self._hold(trainer)
+
+    def _hold(self, trainer: L.Trainer) -> None:
+        if not self._held and trainer.is_global_zero:
+            print(f"finishing this optimizer step first (--trainer.accumulate_grad_batches "
+                  f"{trainer.accumulate_grad_batches})", file=sys.stderr, flush=True)
+        hold_sigterm(trainer, True)
+        self._held = True
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         if self._previous is None:  # the command has ended (Lightning's teardown may reinstall this handler)
