@@ -100,7 +100,8 @@ def check_metadata(text: str | None, path: str | Path) -> dict[str, Any]:
 def load_model(path: str | Path) -> tuple[Any, dict[str, Any]]:
     """An onnxruntime session (CPU) for an exported model, and its metadata."""
     ort = _onnxruntime()
-    if not Path(path).exists():
+    path = Path(path).expanduser()
+    if not path.exists():
         raise InferError(f"{path}: no such file.")
     try:
         open(path, "rb").close()  # a folder, an unreadable file: said as such, not as a model onnxruntime rejects

@@ -1074,3 +1074,17 @@ def test_validation_after_every_batch_keeps_the_best_of_all_validations(tmp_path
     assert len(accuracies) == 3, accuracies  # (on an Intel Xeon, fp32: the best 0.25, the last 0.125, which was chosen)
     (best,) = (run_dir / "checkpoints").glob("best-*.ckpt")
     assert best.name == f"best-epoch00-acc{max(accuracies):.4f}.ckpt"
+
+
+def test_last_ckpt_records_the_best_when_every_n_steps_wrote_the_epochs_last_step(tmp_path: Path) -> None:
+    """every_n_train_steps wrote last.ckpt at the epoch's last step, before its validation; the epoch's end then
+    skipped its own write (a file of that step existed), so last.ckpt recorded no best checkpoint."""
+    make_dataset(tmp_path / "data")
+    result = run_here(tmp_path, "fit", *TINY, "--trainer.max_epochs=1", "--last_checkpoint.every_n_train_steps=3")
+    assert result.returncode == 0, result.stderr[-2000:]
+    last = load_checkpoint(tmp_path / "lightning_logs/mnist/version_0/checkpoints/last.ckpt")
+    (best,) = (tmp_path / "lightning_logs/mnist/version_0/checkpoints").glob("best-*.ckpt")
+    recorded = [s["best_model_path"] for s in last["callbacks"].values() if s.get("monitor")]
+    assert [Path(b).name for b in recorded] == [best.name]
+    tested = run_here(tmp_path, "test", *TINY, "--ckpt_path=best")
+    assert tested.returncode == 0, tested.stderr[-2000:]

@@ -79,15 +79,16 @@ class LatestCheckpoint(Checkpoint):
             trainer.should_stop, self._stop_held = False, True
         # Only validations in the middle of an epoch: at an epoch's end ModelCheckpoint saves the best in
         # on_train_epoch_end, which comes after the validation, and last.ckpt must record that best.
+        # Again if every_n_train_steps wrote this step before the validation: last.ckpt records the best as of now.
         if not at_last_batch(trainer) and stepped(trainer):
-            self._save(trainer)
+            self._save(trainer, again=True)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not stepped(trainer):  # an epoch cut between accumulated batches (a stop set in a validation among them)
             return
         self._cut_epoch = not at_last_batch(trainer)  # stopped by max_steps or max_time in the middle of the epoch
         try:
-            self._save(trainer)
+            self._save(trainer, again=True)  # (after this epoch's validation and best checkpoint, whatever came before)
         finally:
             self._cut_epoch = False
 
