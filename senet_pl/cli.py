@@ -294,6 +294,10 @@ class SENetCLI(LightningCLIHooks):
             raise
 
 
+# Errors that mean the command's input (options, data, checkpoint) cannot work: one line, no traceback (tools too).
+USER_ERRORS = (CLIError, DataError, CheckpointError, ExportError, NonFiniteLossError, ScheduleError, SettingError)
+
+
 def main(args: list[str] | None = None) -> None:
     if sys.argv[0].endswith("__main__.py"):
         sys.argv[0] = "python -m senet_pl"  # so that messages name the command that was typed
@@ -303,7 +307,7 @@ def main(args: list[str] | None = None) -> None:
     try:
         SENetCLI(args=args)
         close_process_group()  # a DDP run's, which Lightning leaves open
-    except (CLIError, DataError, CheckpointError, ExportError, NonFiniteLossError, ScheduleError, SettingError) as err:
+    except USER_ERRORS as err:
         sys.exit(f"error: {err}")
     except (MisconfigurationException, ValueError) as err:  # Lightning's own check of a value (limit_val_batches -1 ...)
         if isinstance(err, ValueError) and not is_setting_error(err):

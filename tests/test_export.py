@@ -323,3 +323,8 @@ def test_a_home_folder_in_out_is_expanded(run_copy: Path, monkeypatch: pytest.Mo
     (tmp_path / "home").mkdir()
     assert cli("export", *TINY, f"--ckpt_path={run_copy}", "--out=~/m.onnx") is None
     assert (tmp_path / "home/m.onnx").is_file() and not Path("~").exists()
+    from senet_pl.infer import infer as infer_here
+
+    mixed_folder(tmp_path / "home/mine")
+    assert infer_here("~/m.onnx", "~/mine", "~/out") == tmp_path / "home/out/predictions.csv"  # model, folder, out
+    assert (tmp_path / "home/out/predictions.csv").is_file() and not Path("~").exists()

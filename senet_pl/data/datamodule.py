@@ -248,7 +248,7 @@ class MNISTDataModule(L.LightningDataModule):
         # The global seed set by seed_everything (LightningCLI's seed_everything), as Lightning's own
         # DistributedSampler uses it.
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        shards = {"num_replicas": self.trainer.world_size, "rank": self.trainer.global_rank} if self.trainer else {}
+        shards = self._shards()
         try:
             sampler = EpochBatchSampler(len(dataset), self.hparams.batch_size, shuffle, seed, **shards)
         except ValueError as err:  # too few images to give every process the same number of batches
@@ -292,11 +292,16 @@ class MNISTDataModule(L.LightningDataModule):
     def training_batch_sizes(self) -> list[int]:
         """The sizes of this process's training batches in an epoch (after setup("fit")); [] if the split cannot be
         sharded (the training loader says why)."""
-        shards = {"replicas": self.trainer.world_size, "rank": self.trainer.global_rank} if self.trainer else {}
+        shards = self._shards()
         try:
-            return [stop - start for _, start, stop in shard(len(self.train_set), self.hparams.batch_size, **shards)]
+            return [stop - start for _, start, stop in shard(len(self.train_set), self.hparams.batch_size,
+                                                             shards.get("num_replicas", 1), shards.get("rank", 0))]
         except ValueError:
             return []
+
+    def _shards(self) -> dict[str, int]:
+        """This process's share of a split: the processes and its rank (none without a Trainer)."""
+        return {"num_replicas": self.trainer.world_size, "rank": self.trainer.global_rank} if self.trainer else {}
 
     def first_training_images(self, count: int) -> list[torch.Tensor]:
         """The first ``count`` images of the training split (after setup("fit")) as uint8 batches of batch_size, in a

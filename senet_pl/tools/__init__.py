@@ -10,13 +10,9 @@ def run_as_cli(function: Callable[..., Any]) -> None:
     """Run ``function`` as a command line: its typed, documented arguments become the options (jsonargparse)."""
     from jsonargparse import ArgumentParser, auto_cli
 
-    from senet_pl.checkpoints import CheckpointError
+    from senet_pl.cli import USER_ERRORS
     from senet_pl.compat import quiet
-    from senet_pl.data import DataError
-    from senet_pl.module import SettingError
     from senet_pl.options import ShortErrors
-    from senet_pl.runs import CLIError
-    from senet_pl.schedule import ScheduleError
 
     class ToolParser(ShortErrors, ArgumentParser):
         pass
@@ -27,5 +23,5 @@ def run_as_cli(function: Callable[..., Any]) -> None:
     prog = f"python -m {spec.name}" if spec is not None else None
     try:
         auto_cli(function, args=sys.argv[1:], parser_class=ToolParser, prog=prog)
-    except (CLIError, DataError, CheckpointError, ScheduleError, SettingError) as err:  # a run's setting or data
+    except USER_ERRORS as err:  # a run's setting or data, as python -m senet_pl says it
         sys.exit(f"error: {err}")
