@@ -99,11 +99,13 @@ def test_a_tools_missing_data_or_earlier_study_is_one_line(tmp_path: Path, monke
     monkeypatch.chdir(tmp_path)
     for tool in ("study", "bench"):
         result = _run_tool(tool, "--data_dir", "nowhere")
-        assert result.returncode == 1 and result.stderr.splitlines()[-1].startswith("error: mnist: 4 of 4 files missing "
-                                                                                     "in nowhere/MNIST/raw"), result.stderr
+        last = result.stderr.splitlines()[-1]
+        assert result.returncode == 1 and last.startswith("error: mnist: 4 of 4 files missing in nowhere/MNIST/raw"), \
+            result.stderr
+        assert "point --data_dir at" in last, last  # the tool's own option, not the CLI's --data.data_dir
     make_dataset(tmp_path / "data")
     result = _run_tool("bench", "--val_size", "100")  # more than the 96 synthetic training images
-    assert result.returncode == 1 and result.stderr.splitlines()[-1].startswith("error: --data.val_size 100 must be")
+    assert result.returncode == 1 and result.stderr.splitlines()[-1].startswith("error: --val_size 100 must be")
     earlier = tmp_path / "lightning_logs/study_mnist_no_se/resnet_seed0/checkpoints"  # (the plain ResNet: _no_se)
     earlier.mkdir(parents=True)
     (earlier / "last.ckpt").write_bytes(b"an earlier study's run")
