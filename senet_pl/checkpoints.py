@@ -24,6 +24,9 @@ from senet_pl.compat import PATH
 from senet_pl.files import give_default_mode
 
 TEMP_PREFIX = ".partial-"  # temporary files: hidden, and not ending in .ckpt, so never taken for checkpoints
+# Set (True) in a checkpoint written between the accumulated batches of one optimizer step (a best checkpoint of a
+# validation there): it counts those batches as done without their gradients, so fit cannot resume it exactly.
+BETWEEN_STEPS = "senet_pl_between_accumulated_batches"
 
 
 class CheckpointError(Exception):

@@ -43,7 +43,7 @@ from senet_pl.data import DataError, MNISTDataModule
 from senet_pl.module import NonFiniteLossError, SEResNetClassifier, SettingError
 from senet_pl.options import ShortErrorParser, check_clipping, check_options, check_seed
 from senet_pl.precision import ALIASES, fallback_message, resolve_precision
-from senet_pl.resume import keep_checkpoint_folders, reconcile, training_conflicts, weight_mismatch
+from senet_pl.resume import keep_checkpoint_folders, not_resumable, reconcile, training_conflicts, weight_mismatch
 from senet_pl.runs import (CLIError, FolderSnapshot, NewRunFolders, check_ckpt_spelling, check_writable,
                            expand_logger_paths, find_checkpoint, fixed_checkpoint_folder, logger_root, name_plain_run,
                            named_run_folder, refuse_replacing, run_folder)
@@ -157,10 +157,8 @@ class SENetCLI(LightningCLIHooks):
             refuse_replacing(fixed, cfg.trainer.get("enable_checkpointing") is not False)
             return
         info = read_checkpoint(cfg.ckpt_path, SEResNetClassifier, MNISTDataModule)
-        if info.kind == "state_dict" and subcommand == "fit":
-            raise CLIError(f"{cfg.ckpt_path} holds only weights (a plain state dict): fit resumes this project's "
-                           "checkpoints, which also hold the optimizer and the position in the run. test, validate, "
-                           "predict and analyze accept it, with the architecture from the config.")
+        if subcommand == "fit" and (reason := not_resumable(info)):
+            raise CLIError(reason)
         # Reported once the model exists, together with the optimizer's and schedule's (before_fit).
         self.conflicts = reconcile(info, cfg, self.explicit.get(subcommand), subcommand, MNISTDataModule.data_shape)
         self.ckpt_info = info

@@ -35,6 +35,20 @@ OPTIMIZER_SETTINGS = ("lr", "momentum", "dampening", "weight_decay", "nesterov",
                       "amsgrad", "maximize", "centered", "lr_decay", "rho", "lambd", "decoupled_weight_decay")
 
 
+def not_resumable(info: CheckpointInfo) -> str | None:
+    """Why fit cannot resume ``info`` (the evaluations can use it), or None."""
+    if info.kind == "state_dict":
+        return (f"{info.path} holds only weights (a plain state dict): fit resumes this project's checkpoints, which "
+                "also hold the optimizer and the position in the run. test, validate, predict and analyze accept it, "
+                "with the architecture from the config.")
+    if info.between_steps:
+        return (f"{info.path} was written by a validation between the accumulated batches of one optimizer step "
+                "(--trainer.accumulate_grad_batches), without the gradients of the batches before it: fit would not "
+                "resume the run exactly. Resume from its last.ckpt (--ckpt_path last), which is written only after a "
+                "step; test, validate, predict and analyze accept this file.")
+    return None
+
+
 def _get(namespace: Any, key: str) -> Any:
     return namespace.get(key) if namespace is not None and hasattr(namespace, "get") else None
 

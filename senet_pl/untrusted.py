@@ -17,7 +17,7 @@ from typing import Any, Literal, Union
 
 import torch
 
-from senet_pl.checkpoints import CheckpointError, is_state_dict, load_checkpoint
+from senet_pl.checkpoints import BETWEEN_STEPS, CheckpointError, is_state_dict, load_checkpoint
 
 LIGHTNING_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"  # what LightningCLI stores; never imported here
 
@@ -33,6 +33,7 @@ class CheckpointInfo:
     global_step: int = 0
     position: dict[str, int] = field(default_factory=dict)  # the training loader's state: epoch, batches_done, ...
     raw: dict = field(default_factory=dict, repr=False)
+    between_steps: bool = False  # written between the accumulated batches of one optimizer step (BETWEEN_STEPS)
 
     @property
     def mid_epoch(self) -> bool:
@@ -134,14 +135,15 @@ def read_checkpoint(path: str, model_cls: type, data_cls: type) -> CheckpointInf
                                   exclude=("optimizer", "lr_scheduler"))
     data = check_hyperparameters(path, ckpt.get("datamodule_hyper_parameters"), data_cls, "datamodule_hyper_parameters")
     step = ckpt.get("global_step", 0)
-    return CheckpointInfo(str(path), "lightning", model, data, step if type(step) is int else 0, _loader_state(ckpt), ckpt)
+    return CheckpointInfo(str(path), "lightning", model, data, step if type(step) is int else 0, _loader_state(ckpt), ckpt,
+                          between_steps=ckpt.get(BETWEEN_STEPS) is True)
 
 
 # What Lightning reads from a checkpoint besides the settings, and the type each must have.
 STRUCTURE = {"epoch": int, "global_step": int, "pytorch-lightning_version": str, "state_dict": dict, "loops": dict,
              "callbacks": dict, "optimizer_states": list, "lr_schedulers": list,
              # with --model.ema_decay (EMAWeightAveraging): the training weights and the average's step count
-             "current_model_state": dict, "averaging_state": dict}
+             "current_model_state": dict, "averaging_state": dict, BETWEEN_STEPS: bool}
 # ModelCheckpoint's state: files it may delete when it saves a better one. They must lie in its own folder.
 CHECKPOINT_FILES = ("best_model_path", "kth_best_model_path", "last_model_path")
 

@@ -257,6 +257,37 @@ def test_a_signal_in_a_validation_between_accumulated_batches_resumes_exactly(
     assert_same_weights(last, Path("lightning_logs/whole/version_0/checkpoints/last.ckpt"))
 
 
+def test_a_best_checkpoint_between_accumulated_batches_is_for_evaluation_not_for_resuming(tmp_path: Path) -> None:
+    """A best checkpoint that a validation between the two batches of a step wrote counts the first as done without
+    its gradients: fit resumed it silently and inexactly. It is marked, and fit refuses it (test takes it)."""
+    from senet_pl.checkpoints import BETWEEN_STEPS
+
+    make_dataset(tmp_path / "data")
+    done = {}  # best file -> training batches of its epoch done when it was written (steps after 2, 4 and 5)
+    # A best file per validation: after every batch (Lightning's ModelCheckpoint writes once per global step, so the
+    # files come from batches 2, 4 and 5), and after batch 3 (between the batches of a step).
+    for every in (1, 3):
+        name = f"every{every}"
+        fit(*ACCUMULATED, f"--trainer.val_check_interval={every}", "--checkpoint.save_top_k=-1",
+            f"--trainer.logger.init_args.name={name}")
+        folder = Path(f"lightning_logs/{name}/version_0/checkpoints")
+        for path in folder.glob("best-*.ckpt"):
+            ckpt = load_checkpoint(path)
+            done[path] = ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"]
+            assert ckpt.get(BETWEEN_STEPS, False) is (done[path] in (1, 3)), (path, done[path])
+        assert BETWEEN_STEPS not in load_checkpoint(folder / "last.ckpt")
+    assert sorted(done.values()) == [2, 2, 3, 3, 4, 4, 5, 5], done  # 2 epochs each
+    between = next(path for path, n in done.items() if n == 3)
+    message = cli("fit", *ACCUMULATED, f"--ckpt_path={between}", "--trainer.max_epochs=3")
+    assert message is not None and message.splitlines() == [
+        f"error: {between} was written by a validation between the accumulated batches of one optimizer step "
+        "(--trainer.accumulate_grad_batches), without the gradients of the batches before it: fit would not resume "
+        "the run exactly. Resume from its last.ckpt (--ckpt_path last), which is written only after a step; test, "
+        "validate, predict and analyze accept this file."], message
+    assert cli("test", *ACCUMULATED, f"--ckpt_path={between}") is None
+    fit(*ACCUMULATED, f"--ckpt_path={next(path for path, n in done.items() if n == 2)}", "--trainer.max_epochs=3")
+
+
 def test_a_stop_asked_for_between_accumulated_batches_waits_for_their_step(tmp_path: Path) -> None:
     """max_time's Timer (or an early stop) ended the run after the first of two accumulated batches: the checkpoint
     counted it without its gradients (0.2 off after the resume)."""

@@ -15,7 +15,7 @@ from jsonargparse.typing import NonNegativeInt
 from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from senet_pl.checkpoints import follow_run_folder
+from senet_pl.checkpoints import BETWEEN_STEPS, follow_run_folder
 from senet_pl.compat import at_last_batch, hold_sigterm, keep_epoch_open, rerun_cut_validation, stepped
 
 
@@ -103,6 +103,10 @@ class LatestCheckpoint(Checkpoint):
                     print(note, file=sys.stderr)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Called for every checkpoint of fit, the best ones too: one that ModelCheckpoint writes in a validation between
+        # accumulated batches is marked, and fit refuses to resume it (resume.not_resumable).
+        if trainer.state.fn == "fit" and not trainer.sanity_checking and not stepped(trainer):
+            checkpoint[BETWEEN_STEPS] = True
         if self._cut_validation:
             rerun_cut_validation(checkpoint)
         if self._cut_epoch:
