@@ -156,8 +156,10 @@ class SEResNetClassifier(L.LightningModule):
         # The evaluation loss as a metric too, a mean weighted by batch size over all processes: Lightning's
         # sync_dist mean divides the summed batch sizes by the number of processes in integers (lightning
         # 2.6: 32 images on 3 processes count as 30), and under DDP the batches differ in size.
-        self.val_loss = MeanMetric(nan_strategy="disable")
-        self.test_loss = MeanMetric(nan_strategy="disable")
+        # A NaN loss is kept (replaced by NaN) so that a diverged model shows it; torchmetrics 1.9's "disable"
+        # would also keep it, but then drops the weights: a plain mean of batch means.
+        self.val_loss = MeanMetric(nan_strategy=float("nan"))
+        self.test_loss = MeanMetric(nan_strategy=float("nan"))
 
     def setup(self, stage: str) -> None:
         # Batch norm in training mode needs 2 values per channel: at the smallest image size (8 for the cifar stem,

@@ -171,6 +171,26 @@ def test_label_smoothing_changes_the_training_loss_by_the_analytic_amount_and_no
     assert logged["test/loss"].item() == pytest.approx(nll.item(), rel=1e-5)
 
 
+def test_the_evaluation_loss_is_the_mean_over_images_whatever_the_batch_sizes() -> None:
+    """torchmetrics 1.9's MeanMetric(nan_strategy="disable") dropped the batch sizes: val/loss and test/loss were the
+    plain mean of the batch means, off whenever the last batch (or a process's share under DDP) is smaller."""
+    torch.manual_seed(0)
+    module = SEResNetClassifier().eval()
+    logged = _logged(module)
+    x, y = _batch()
+    with torch.no_grad():
+        module.model.fc.bias.copy_(torch.linspace(-3, 3, 10))
+        losses = F.cross_entropy(module(x), y, reduction="none")
+        for stage in ("validation", "test"):
+            getattr(module, f"{stage}_step")([x[:6], y[:6]], 0)
+            getattr(module, f"{stage}_step")([x[6:], y[6:]], 1)
+    assert abs(losses[:6].mean() - losses[6:].mean()) > 0.1  # so that the weighting shows
+    for key in ("val/loss", "test/loss"):
+        assert logged[key].item() == pytest.approx(losses.mean().item(), rel=1e-5), key
+    module.val_loss.update(torch.tensor(float("nan")), weight=4)  # a diverged model's loss stays visible
+    assert module.val_loss.compute().isnan()
+
+
 def test_flip_tta_scores_the_mean_of_the_plain_and_mirrored_logits_in_test_only() -> None:
     torch.manual_seed(0)
     module = SEResNetClassifier(test_hflip=True).eval()
