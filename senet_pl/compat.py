@@ -38,6 +38,12 @@ def hold_sigterm(trainer: L.Trainer, held: bool) -> None:
     trainer._signal_connector.received_sigterm = not held
 
 
+def handle_sigterm_with(trainer: L.Trainer, handler: Any) -> None:
+    """Make ``handler(signum, frame)`` the SIGTERM handler that ``trainer`` registers when it starts its loops, in
+    place of Lightning's ``_sigterm_notifier_fn`` (other handlers, SLURM's and the process's earlier one, stay)."""
+    trainer._signal_connector._sigterm_notifier_fn = handler
+
+
 def file_writer(experiment: Any) -> Any:
     """The low-level event-file writer of a TensorBoard SummaryWriter (for raw summaries such as HParams)."""
     return experiment._get_file_writer()

@@ -9,7 +9,7 @@ import lightning.pytorch as L
 
 class SendSignal(L.Callback):
     def __init__(self, phase: str, signum: int, step: int = 3, twice: bool = False,
-                 neighbour: str | None = None, batch: int | None = None) -> None:
+                 neighbour: str | None = None, batch: int | None = None, rank: int | None = None) -> None:
         """
         Args:
             phase: "sanity" (the sanity check's first batch), "training" (after optimizer step ``step``),
@@ -24,9 +24,14 @@ class SendSignal(L.Callback):
                 first epoch; for "stop": no signal, ``trainer.should_stop`` set at the end of this training batch of
                 the first epoch (as max_time's Timer would); for "stop in validation": set at the end of the validation
                 after it (as an early stop would).
+            rank: under DDP, only the process of this global rank gets it (as from ``kill <pid>``); None: every one.
         """
         self.phase, self.signum, self.step, self.twice, self.sent = phase, signum, step, twice, False
-        self.neighbour, self.batch = neighbour, batch
+        self.neighbour, self.batch, self.rank = neighbour, batch, rank
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        if self.rank is not None and trainer.global_rank != self.rank:
+            self.sent = True  # another process's signal
 
     def _send(self, now: bool) -> None:
         if now and not self.sent:

@@ -1,6 +1,8 @@
 """One test per private Lightning name in senet_pl/compat.py: a Lightning upgrade that changes one fails here."""
 
 import inspect
+import os
+import signal
 
 import lightning.pytorch as L
 import pytest
@@ -225,3 +227,26 @@ def test_a_cut_epoch_stays_open() -> None:
     assert trainer.fit_loop.epoch_progress.current.processed == trainer.fit_loop.epoch_progress.current.started - 1
     trainer.fit_loop.epoch_progress.reset_on_restart()
     assert trainer.current_epoch == 1  # epochs completed: the first; the cut one is the one in progress
+
+
+class ReplaceSigterm(L.Callback):
+    def __init__(self) -> None:
+        self.seen, self.batches = [], 0
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        compat.handle_sigterm_with(trainer, lambda signum, frame: self.seen.append(signum))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.batches += 1
+        if batch_idx == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_the_replaced_sigterm_handler_is_the_one_the_trainer_registers(tmp_path) -> None:
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(6, 2)), batch_size=2)
+    replace = ReplaceSigterm()
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[replace], default_root_dir=tmp_path)
+    trainer.fit(Tiny(), data)
+    # Lightning's own handler, which sets the flag its loops stop on, did not run: all 3 batches were trained
+    assert replace.seen == [signal.SIGTERM] and replace.batches == 3 and not trainer.received_sigterm

@@ -58,6 +58,30 @@ def test_ddp_two_processes_shard_reduce_and_checkpoint_once(tmp_path: Path, monk
     assert float(line.split()[-1]) == pytest.approx(logged, abs=1e-6)
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo DDP on CPU is exercised on Linux")
+@pytest.mark.parametrize(("rank", "accumulate", "batch", "step"), [(0, 1, 1, 2), (1, 2, 0, 1)])
+def test_ddp_sigterm_to_one_process_stops_every_process_at_one_batch(tmp_path: Path, rank: int, accumulate: int,
+                                                                     batch: int, step: int) -> None:
+    """A SIGTERM to one process of a Lightning-launched DDP run, while it computes a training batch: Lightning 2.6
+    broadcast from inside its handler while the other process waited in its gradient all-reduce, and the job hung
+    (to rank 0: ``kill <pid>``; to rank 1: its own, or a scheduler's to one process). With accumulation, the stop
+    also waits for the optimizer step on every process."""
+    make_dataset(tmp_path / "data")
+    result = run_ddp(tmp_path, "fit", *FULL_EPOCHS, "--trainer.strategy=ddp", "--trainer.devices=2",
+                     "--trainer.max_epochs=1", f"--trainer.accumulate_grad_batches={accumulate}",
+                     "--trainer.callbacks+=signal_probe.SendSignal", "--trainer.callbacks.phase=training",
+                     "--trainer.callbacks.signum=15", f"--trainer.callbacks.batch={batch}",
+                     f"--trainer.callbacks.rank={rank}", timeout=180)
+    assert result.returncode == 143, result.stderr[-3000:]
+    last = tmp_path / "lightning_logs/mnist/version_0/checkpoints/last.ckpt"
+    assert f"SIGTERM: training stopped at step {step}; lightning_logs/mnist/version_0/checkpoints/last.ckpt holds" \
+        in result.stderr, result.stderr[-3000:]
+    assert ("finishing this optimizer step first" in result.stderr) is (accumulate > 1)
+    ckpt = load_checkpoint(last)
+    assert ckpt["global_step"] == step
+    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["batches_done"] == batch + 1 + (accumulate > 1)
+
+
 def test_a_finished_run_closes_the_process_group_and_a_failed_one_leaves_it(tmp_path: Path,
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """A gloo group still open at interpreter exit can abort a successful DDP run's process (exit status -6);

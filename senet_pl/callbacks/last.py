@@ -11,12 +11,14 @@ import sys
 from typing import Any
 
 import lightning.pytorch as L
+import torch
 from jsonargparse.typing import NonNegativeInt
 from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from senet_pl.checkpoints import BETWEEN_STEPS, follow_run_folder
-from senet_pl.compat import at_last_batch, hold_sigterm, keep_epoch_open, rerun_cut_validation, stepped
+from senet_pl.compat import (at_last_batch, handle_sigterm_with, hold_sigterm, keep_epoch_open, rerun_cut_validation,
+                              stepped)
 
 
 class LatestCheckpoint(Checkpoint):
@@ -161,6 +163,12 @@ class GracefulStop(Callback):
     A KeyboardInterrupt can land anywhere, even half-way through an optimizer step, and a
     checkpoint of that state would not resume exactly; Lightning's SIGTERM handling only sets
     a flag that the loops check between batches. A second Ctrl-C interrupts at once.
+
+    Under DDP the processes must stop at the same batch: one that stops while another waits for it in a gradient
+    all-reduce hangs the job. Lightning 2.6 broadcasts from inside its SIGTERM handler, wherever the signal lands
+    (it met another process's all-reduce and hung), and its loops stop on each process's own flag. Here the
+    handler only notes the signal (and passes it on to the processes Lightning started); in fit, validate and test
+    the processes agree at each batch end, in a collective of their own, and stop together.
     """
 
     def __init__(self) -> None:
@@ -168,13 +176,42 @@ class GracefulStop(Callback):
         self.running = False  # the Trainer has set up (after the data module's setup)
         self.start_step: int | None = None  # the global step when training started (after a resume's restore)
         self._held = False  # a SIGTERM held until the optimizer step that ends the accumulated batches
+        self._pending = False  # a SIGTERM received; under DDP, not yet agreed by all processes (_agree)
+        self._trainer: L.Trainer | None = None
         self._previous: Any = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # From the start of every command (fit with its sanity check, validate, test, predict), not only training.
         self.signal, self.running, self.start_step = None, True, None
+        self._pending, self._trainer = False, trainer
+        handle_sigterm_with(trainer, self._on_sigterm)  # registered by the Trainer after this hook
         if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # an ignored Ctrl-C stays ignored (EarlySignals)
             self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        trainer = self._trainer
+        if trainer is None:
+            return
+        if not self._pending and trainer.strategy.launcher is not None:
+            trainer.strategy.launcher.kill(signum)  # the processes Lightning started get it too (as Lightning does)
+        self._pending = True
+        # One process, or predict (no collective per batch): the loops see it at once, as Lightning's handler does.
+        if trainer.world_size == 1 or trainer.state.fn not in ("fit", "validate", "test"):
+            hold_sigterm(trainer, False)
+
+    def _agree(self, trainer: L.Trainer, ready: bool) -> None:
+        """Under DDP, at a batch end that every process reaches: whether any of them got a SIGTERM. If so, every
+        process's loops see it now (``ready``) and stop at this boundary together, or, between the accumulated batches
+        of an optimizer step, all hold it until the step."""
+        pending = torch.tensor(float(self._pending), device=trainer.strategy.root_device)
+        if trainer.strategy.reduce(pending, reduce_op="sum").item() == 0:
+            return
+        self._pending = True
+        if ready:
+            hold_sigterm(trainer, False)
+            self._held = False
+        else:
+            self._hold(trainer)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.start_step = trainer.global_step
@@ -183,7 +220,9 @@ class GracefulStop(Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         # With --trainer.accumulate_grad_batches N, a stop between the batches of one optimizer step would checkpoint
         # them as done without their gradients: the stop waits for the step (at most N - 1 more batches).
-        if trainer.received_sigterm and not stepped(trainer):
+        if trainer.world_size > 1:
+            self._agree(trainer, ready=stepped(trainer))
+        elif trainer.received_sigterm and not stepped(trainer):
             self._hold(trainer)
         elif self._held and stepped(trainer):
             hold_sigterm(trainer, False)
@@ -192,8 +231,14 @@ class GracefulStop(Callback):
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         # A validation between the batches of a step (val_check_interval): it ends whole, the stop waits for the step.
         fitting = trainer.state.fn == "fit" and not trainer.sanity_checking
-        if fitting and trainer.received_sigterm and not stepped(trainer):
+        if trainer.world_size > 1:
+            self._agree(trainer, ready=not fitting or stepped(trainer))
+        elif fitting and trainer.received_sigterm and not stepped(trainer):
             self._hold(trainer)
+
+    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.world_size > 1:
+            self._agree(trainer, ready=True)
 
     def _hold(self, trainer: L.Trainer) -> None:
         if not self._held and trainer.is_global_zero:
