@@ -104,6 +104,10 @@ def test_a_tools_missing_data_or_earlier_study_is_one_line(tmp_path: Path, monke
             result.stderr
         assert "point --data_dir at" in last, last  # the tool's own option, not the CLI's --data.data_dir
     make_dataset(tmp_path / "data")
+    result = _run_tool("study", "--reductions", "[16, 8, 16]")  # refused before any run, not after two
+    assert result.returncode == 1 and result.stderr.splitlines()[-1] == (
+        "error: --reductions lists 16 more than once: give each ratio once."), result.stderr
+    assert not Path("lightning_logs").exists()
     result = _run_tool("bench", "--val_size", "100")  # more than the 96 synthetic training images
     assert result.returncode == 1 and result.stderr.splitlines()[-1].startswith("error: --val_size 100 must be")
     earlier = tmp_path / "lightning_logs/study_mnist_no_se/resnet_seed0/checkpoints"  # (the plain ResNet: _no_se)

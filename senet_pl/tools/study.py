@@ -100,6 +100,9 @@ def study(
             take as long as the longest so far); the table says how many of the planned runs ran.
         args: further CLI options for every run, e.g. ["--data.batch_size=64"].
     """
+    twice = sorted({r for r in reductions if reductions.count(r) > 1})
+    if twice:  # its second run would find the first one's folder, after both had trained
+        raise CLIError(f"--reductions lists {', '.join(map(str, twice))} more than once: give each ratio once.")
     variants = [("ResNet", ["--model.se=false"])]
     variants += [(f"SE-ResNet r={r}", ["--model.se=true", f"--model.reduction={r}"]) for r in reductions]
     common = [
