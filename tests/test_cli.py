@@ -115,6 +115,17 @@ def test_predict_writes_one_row_per_test_image(trained: Path) -> None:
         assert abs(float(r["confidence"]) - probabilities[0]) < 1e-4
 
 
+def test_predict_removes_the_files_of_an_earlier_predict_with_another_number_of_processes(trained: Path) -> None:
+    """A DDP predict's predictions_rank{N}.csv were left beside a later predict's own files, to be mixed with them."""
+    folder = _newest(trained, "checkpoints/last.ckpt").parents[1]
+    for name in ("predictions_rank0.csv", "predictions_rank1.csv", "predictions_mine.csv", "predictions_rank1.csv.bak"):
+        (folder / name).write_text("an earlier file\n")
+    result = run_here(trained, "predict", *TINY, "--ckpt_path=last")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in folder.glob("predictions*")) == [
+        "predictions.csv", "predictions_mine.csv", "predictions_rank1.csv.bak"]  # a user's own files are kept
+
+
 def test_predict_on_a_folder_of_own_images(trained: Path) -> None:
     good = mixed_folder(trained / "mine")
     data = trained / "data"

@@ -1,5 +1,7 @@
 """``predictions.csv`` (and ``skipped.csv``) in the run folder, written by ``predict``."""
 
+import re
+
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -42,7 +44,16 @@ class PredictionWriter(BasePredictionWriter):
         # Only the first process lists the skipped files (every process read the folder), or removes an earlier list.
         skipped = (getattr(dm, "predict_skipped", None) if files else None) or []
         # The same rows as python -m senet_pl.infer writes (torch-free, so they are built in infer.py).
+        if trainer.is_global_zero:  # an earlier predict's files for another number of processes: not mixed with these
+            for old in run_folder(trainer).glob("predictions*.csv"):
+                if re.fullmatch(r"predictions(_rank\d+)?\.csv", old.name) and not _ours(old.name, trainer.world_size):
+                    old.unlink(missing_ok=True)
         self.report += write_predictions(run_folder(trainer), f"predictions{suffix}.csv",
                                          ["file" if files else "index", *PREDICTIONS_HEADER, f"top{top}"],
                                          prediction_rows(names, probs.float().cpu().numpy(), classes, top),
                                          skipped if trainer.is_global_zero else None)
+
+
+def _ours(name: str, world_size: int) -> bool:
+    """Whether ``name`` is one of the prediction files that a predict with ``world_size`` processes writes."""
+    return name in ([f"predictions_rank{r}.csv" for r in range(world_size)] if world_size > 1 else ["predictions.csv"])
