@@ -45,7 +45,7 @@ from senet_pl.options import ShortErrorParser, check_clipping, check_options, ch
 from senet_pl.precision import ALIASES, fallback_message, resolve_precision
 from senet_pl.resume import keep_checkpoint_folders, not_resumable, reconcile, training_conflicts, weight_mismatch
 from senet_pl.runs import (CLIError, FolderSnapshot, NewRunFolders, check_ckpt_spelling, check_writable,
-                           expand_logger_paths, find_checkpoint, fixed_checkpoint_folder, logger_root, name_plain_run,
+                           expand_logger_paths, find_checkpoint, fixed_checkpoint_folder, logger_root, name_run,
                            named_run_folder, refuse_replacing, run_folder)
 from senet_pl.schedule import ScheduleError
 from senet_pl.trainer import Trainer, close_process_group
@@ -124,7 +124,7 @@ class SENetCLI(LightningCLIHooks):
         self.explicit = parse(args, defaults=False)
         subcommand = self.config.get("subcommand")
         expand_logger_paths(self.config[subcommand] if subcommand else self.config)
-        name_plain_run(self.config[subcommand] if subcommand else self.config)
+        name_run(self.config[subcommand] if subcommand else self.config)
         check_seed(self.config[subcommand].get("seed_everything") if subcommand else self.config.get("seed_everything"))
 
     def _logger_root(self) -> Path | None:
@@ -162,7 +162,7 @@ class SENetCLI(LightningCLIHooks):
         # Reported once the model exists, together with the optimizer's and schedule's (before_fit).
         self.conflicts = reconcile(info, cfg, self.explicit.get(subcommand), subcommand, MNISTDataModule.data_shape)
         self.ckpt_info = info
-        name_plain_run(cfg)  # again: se may have come from the checkpoint
+        name_run(cfg)  # again: se may have come from the checkpoint
         # A checkpoint of a run of this logger: log into that run's folder. Resuming, its TensorBoard curves
         # continue; evaluating, its test/val metrics join its training curves (one HParams row per model).
         root = self._logger_root()

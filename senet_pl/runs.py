@@ -6,12 +6,13 @@ import os
 import shutil
 import sys
 from pathlib import Path, PurePath
-from typing import Any
+from typing import Any, get_args
 
 from jsonargparse import Namespace
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from senet_pl.checkpoints import load_checkpoint
+from senet_pl.data import DatasetName
 
 RUN_LOGGERS = ("TensorBoardLogger", "CSVLogger")  # the loggers whose save_dir/name/version_N folders hold runs
 
@@ -171,11 +172,18 @@ def _run_logger(logger: Any) -> bool:
     return isinstance(logger, Namespace) and logger.class_path.endswith(RUN_LOGGERS)
 
 
-def name_plain_run(cfg: Namespace) -> None:
-    """Plain-ResNet runs get their own run name (mnist_no_se): --ckpt_path best never mixes the two models."""
+def name_run(cfg: Namespace) -> None:
+    """A run named after a dataset (a recipe's name) but of another dataset is named after its own (mnist.yaml with
+    --data.dataset kmnist: kmnist), and plain-ResNet runs get their own name (mnist_no_se): --ckpt_path best of a
+    recipe never picks a model of another dataset, nor the other model."""
     logger = cfg.trainer.logger
-    if cfg.model.se is False and _run_logger(logger):
-        name = logger.init_args.get("name") or ""
+    if not _run_logger(logger):
+        return
+    name, dataset = logger.init_args.get("name") or "", cfg.data.get("dataset")
+    recipe = name.removesuffix("_no_se")
+    if recipe in get_args(DatasetName) and dataset in get_args(DatasetName) and recipe != dataset:
+        logger.init_args.name = name = dataset + name[len(recipe):]
+    if cfg.model.se is False:
         plain = name == "no_se" or name.endswith("_no_se")  # not casino_se: a name that merely contains it
         logger.init_args.name = name if plain else f"{name}_no_se" if name else "no_se"
 

@@ -469,6 +469,13 @@ def test_plain_runs_are_named_after_their_recipe(data_root: Path, recipe: str) -
         named = SENetCLI(args=[*args, "--model.se=false", f"--trainer.logger.init_args.name={name}"], run=False)
         assert named.trainer.logger.name == expected
     assert SENetCLI(args=args, run=False).trainer.logger.name == recipe
+    # a recipe on another dataset: named after that dataset (mnist.yaml's runs of KMNIST took over lightning_logs/mnist,
+    # and --ckpt_path best of the MNIST recipe was then refused: the checkpoint's dataset was kmnist)
+    for dataset, se in (("kmnist", "true"), ("kmnist", "false"), (recipe, "false")):
+        other = SENetCLI(args=[*args, f"--data.dataset={dataset}", f"--model.se={se}"], run=False)
+        assert other.trainer.logger.name == dataset + ("_no_se" if se == "false" else "")
+    mine = SENetCLI(args=[*args, "--data.dataset=kmnist", "--trainer.logger.init_args.name=mine"], run=False)
+    assert mine.trainer.logger.name == "mine"  # a name of the user's own is kept
 
 
 def test_a_plain_checkpoint_without_its_config_stays_in_plain_runs(data_root: Path, tmp_path: Path) -> None:
