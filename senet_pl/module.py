@@ -160,6 +160,7 @@ class SEResNetClassifier(L.LightningModule):
         # would also keep it, but then drops the weights: a plain mean of batch means.
         self.val_loss = MeanMetric(nan_strategy=float("nan"))
         self.test_loss = MeanMetric(nan_strategy=float("nan"))
+        self.log_evaluation = True  # False: val/test steps log nothing (analyze runs the test loop for the gates)
 
     def setup(self, stage: str) -> None:
         # Batch norm in training mode needs 2 values per channel: at the smallest image size (8 for the cifar stem,
@@ -191,6 +192,8 @@ class SEResNetClassifier(L.LightningModule):
         logits = self.test_logits(x) if stage == "test" else self(x)
         smoothing = self.hparams.label_smoothing if stage == "train" else 0.0
         loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
+        if stage != "train" and not self.log_evaluation:
+            return loss
         acc = getattr(self, f"{stage}_acc")
         acc(logits, y)
         # Training loss per step (its epoch mean would be renamed train/loss_epoch); the rest per epoch.

@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from senet_pl.callbacks.excitation import ExcitationAnalysis
+from senet_pl.callbacks.figures import TensorBoardFigures
 from senet_pl.data import MNISTDataModule
 from senet_pl.export import Format, export_checkpoint
 from senet_pl.gates import se_blocks
@@ -97,7 +98,9 @@ class Trainer(L.Trainer):
         if model.hparams.test_hflip:  # the gates of the mirror images would overwrite those of the images
             raise CLIError("analyze records the gates of each image as it is: leave out --model.test_hflip.")
         analysis = ExcitationAnalysis(datamodule.short_class_names)
-        self.callbacks.append(analysis)
+        # Only the gates: test/* metrics and figures here would replace those that test logged into the run.
+        self.callbacks = [c for c in self.callbacks if not isinstance(c, TensorBoardFigures)] + [analysis]
+        model.log_evaluation = False
         self.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
         if analysis.report:  # after the progress bar, not on its line (process 0 only: it has the sums)
             print(analysis.report[0])

@@ -190,7 +190,18 @@ def test_predict_dir_without_images_is_one_line(trained: Path, folder: str) -> N
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
+def _test_logs(folder: Path) -> tuple:
+    """What a run folder holds of test: its test/* scalars, and how many test figures."""
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    tags = events.Tags()
+    figures = sum(len(events.Images(t)) for t in tags["images"] if t.startswith("test/"))
+    return {t: [(e.step, e.value) for e in events.Scalars(t)] for t in tags["scalars"] if t.startswith("test/")}, figures
+
+
 def test_analyze_writes_the_excitation_figure_table_and_summary(trained: Path) -> None:
+    run_folder = _newest(trained, "checkpoints/last.ckpt").parents[1]
+    before = _test_logs(run_folder)
     result = run_here(trained, "analyze", *TINY, "--trainer.limit_test_batches=5", "--ckpt_path=last",
                       "--trainer.enable_progress_bar=true")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -210,6 +221,8 @@ def test_analyze_writes_the_excitation_figure_table_and_summary(trained: Path) -
     events = EventAccumulator(str(folder))
     events.Reload()
     assert "excitation/per_class" in events.Tags()["images"]
+    # Only the gates: its test loop logged test/acc and figures into the run, over those of the run's test.
+    assert folder == run_folder and _test_logs(run_folder) == before
 
 
 @pytest.mark.parametrize("subcommand", ["validate", "test", "predict", "analyze", "export"])
