@@ -38,7 +38,7 @@ from senet_pl.callbacks.predictions import PredictionWriter
 from senet_pl.callbacks.summary import RunSummary
 from senet_pl.checkpoints import AtomicCheckpointIO, CheckpointError, as_lightning_checkpoint
 from senet_pl.export import ExportError
-from senet_pl.compat import LearningRateMonitor, LightningCLIHooks, is_setting_error, quiet
+from senet_pl.compat import LearningRateMonitor, LightningCLIHooks, is_setting_error, log_at, quiet
 from senet_pl.data import DataError, MNISTDataModule
 from senet_pl.module import NonFiniteLossError, SEResNetClassifier, SettingError
 from senet_pl.options import ShortErrorParser, check_clipping, check_options, check_seed
@@ -220,6 +220,8 @@ class SENetCLI(LightningCLIHooks):
         weights = info.raw["state_dict"] if info.kind == "lightning" else as_lightning_checkpoint(info.raw)["state_dict"]
         if not isinstance(weights, dict):
             raise CheckpointError(f"refused {info.path}: its state_dict is not a dict of tensors.")
+        if info.kind == "lightning":  # where a validation of fit at its step logged
+            log_at(self.trainer, max(info.global_step - 1, 0), info.raw.get("epoch", 0))
         mismatch = weight_mismatch(self.model, weights)
         if mismatch:
             m = self.config[self.subcommand].model

@@ -38,6 +38,19 @@ def hold_sigterm(trainer: L.Trainer, held: bool) -> None:
     trainer._signal_connector.received_sigterm = not held
 
 
+def logged_step(trainer: L.Trainer) -> int:
+    """The step at which Lightning logs metrics now (in a validation of fit: the last training batch's, one less than
+    ``global_step``): figures logged at it line up with the scalars."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
+def log_at(trainer: L.Trainer, step: int, epoch: int) -> None:
+    """Make validate and test log at ``step`` and ``epoch``, those of the checkpoint they evaluate. Lightning restores
+    only the weights for them and logged at step 0 and epoch 0: in the trained run's folder the curves jumped back."""
+    trainer.fit_loop.epoch_loop._batches_that_stepped = step
+    trainer.fit_loop.epoch_progress.current.completed = epoch
+
+
 def handle_sigterm_with(trainer: L.Trainer, handler: Any) -> None:
     """Make ``handler(signum, frame)`` the SIGTERM handler that ``trainer`` registers when it starts its loops, in
     place of Lightning's ``_sigterm_notifier_fn`` (other handlers, SLURM's and the process's earlier one, stay)."""

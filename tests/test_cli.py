@@ -864,6 +864,8 @@ def test_evaluating_a_checkpoint_logs_into_its_run(trained: Path, tmp_path: Path
     run_dir = tmp_path / "lightning_logs/mnist/version_0"
     before = sorted(p.name for p in run_dir.parent.iterdir())
     config = (run_dir / "config.yaml").read_text()
+    trained_val = scalars(run_dir)["val/acc"]
+    best = load_checkpoint(next((run_dir / "checkpoints").glob("best-*.ckpt")))
     for subcommand in ("test", "validate"):
         result = run_here(tmp_path, subcommand, *TINY, "--ckpt_path=best")
         assert result.returncode == 0, result.stderr[-2000:]
@@ -873,8 +875,17 @@ def test_evaluating_a_checkpoint_logs_into_its_run(trained: Path, tmp_path: Path
     assert (run_dir / "config_test.yaml").is_file() and (run_dir / "config_validate.yaml").is_file()
     curves = scalars(run_dir)
     assert {"train/loss", "val/acc", "test/acc"} <= set(curves)
+    # At the step where fit logged the validation of the checkpoint's weights, not at 0 (the curves jumped back):
+    # validate, on the same split, adds the very same point.
+    step = best["global_step"] - 1
+    assert [s for s, _ in curves["test/acc"]] == [step] and curves["val/acc"] == [*trained_val, curves["val/acc"][-1]]
+    assert curves["val/acc"][-1] == next(point for point in trained_val if point[0] == step)
+    assert curves["epoch"][-1] == (step, best["epoch"])
     events = EventAccumulator(str(run_dir))
     events.Reload()
+    # figures at the steps of the scalars (they were one step later in fit)
+    assert {e.step for e in events.Images("val/confusion_matrix")} == {s for s, _ in curves["val/acc"]}
+    assert {e.step for e in events.Images("test/confusion_matrix")} == {step}
     experiment = HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/experiment"]).experiment
     assert {"train/acc", "val/acc", "test/acc", "test/loss"} <= {m.name.tag for m in experiment.metric_infos}
 

@@ -250,3 +250,35 @@ def test_the_replaced_sigterm_handler_is_the_one_the_trainer_registers(tmp_path)
     trainer.fit(Tiny(), data)
     # Lightning's own handler, which sets the flag its loops stop on, did not run: all 3 batches were trained
     assert replace.seen == [signal.SIGTERM] and replace.batches == 3 and not trainer.received_sigterm
+
+
+class LoggedSteps(L.Callback):
+    def __init__(self) -> None:
+        self.steps = []
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self.steps.append((compat.logged_step(trainer), trainer.global_step))
+
+
+class Logs(Tiny):
+    def validation_step(self, batch, batch_idx):
+        self.log("val/x", 1.0)
+
+    def test_step(self, batch, batch_idx):
+        self.log("test/x", 1.0)
+
+
+def test_logged_step_is_the_step_of_a_validations_metrics_and_log_at_moves_an_evaluations(tmp_path) -> None:
+    from lightning.pytorch.loggers import CSVLogger
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(6, 2)), batch_size=2)
+    steps = LoggedSteps()
+    trainer = L.Trainer(max_epochs=2, logger=CSVLogger(tmp_path), enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[steps], default_root_dir=tmp_path, num_sanity_val_steps=0)
+    trainer.fit(Logs(), data, data)
+    assert steps.steps == [(2, 3), (5, 6)]  # one less than global_step in a validation of fit: val/x was logged there
+    tester = L.Trainer(logger=CSVLogger(tmp_path, version="test"), enable_progress_bar=False, default_root_dir=tmp_path)
+    compat.log_at(tester, 7, 3)
+    tester.test(Logs(), data, verbose=False)
+    rows = (tmp_path / "lightning_logs/test/metrics.csv").read_text().splitlines()
+    assert rows[0].split(",")[:2] == ["epoch", "step"] and rows[1].split(",")[:2] == ["3", "7"], rows

@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.tensorboard.summary import hparams
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from senet_pl.compat import file_writer
+from senet_pl.compat import file_writer, logged_step
 from senet_pl.gates import recording_gates, se_blocks
 from senet_pl.plots import confusion_matrix_figure, misclassified_figure
 
@@ -83,7 +83,7 @@ class TensorBoardFigures(L.Callback):
         gates = {s: trainer.strategy.reduce(g, reduce_op="sum") for s, g in self.gates.items()}  # (min/max: see below)
         if not trainer.is_global_zero:
             return
-        writer, step = trainer.logger.experiment, trainer.global_step
+        writer, step = trainer.logger.experiment, logged_step(trainer)
         names = getattr(trainer.datamodule, "short_class_names", None)  # another data module may have none
         writer.add_figure(f"{stage}/confusion_matrix", confusion_matrix_figure(matrix, names), step)
         label = (lambda k: names[k]) if names else str
