@@ -287,10 +287,11 @@ class SENetCLI(LightningCLIHooks):
             aborted = isinstance(err, KeyboardInterrupt) or (isinstance(err, SystemExit) and not isinstance(err, SIGTERMException)
                                                              and self.graceful_stop.signal == signal.SIGINT)
             if isinstance(err, (SIGTERMException, Interrupted)) or aborted:
-                signum = signal.SIGINT if aborted else self.graceful_stop.signal or getattr(err, "signum", signal.SIGTERM)
+                stop = self.graceful_stop
+                signum = signal.SIGINT if aborted else stop.signal or stop.requeue_signal or getattr(err, "signum", signal.SIGTERM)
                 resumed = (self.ckpt_info.path, self.ckpt_info.global_step) if self.ckpt_info else None
-                raise Stopped(self.graceful_stop.message(self.trainer, subcommand, removed, signum, resumed, aborted),
-                              signum) from None
+                raise Stopped(stop.message(self.trainer, subcommand, removed, signum, resumed, aborted)
+                              + stop.requeue(self.trainer), signum) from None
             raise
 
 
@@ -314,7 +315,7 @@ def main(args: list[str] | None = None) -> None:
             raise
         sys.exit(f"error: {str(err).strip()}")
     except Stopped as stop:
-        print(stop, file=sys.stderr)
+        say(str(stop))  # once: under DDP every process stopped at the same step, and process 0 wrote the checkpoint
         sys.exit(128 + stop.signum)
     except Interrupted as stop:  # while parsing or building the objects: nothing was started
         print(f"{'Ctrl-C' if stop.signum == signal.SIGINT else 'SIGTERM'}: stopped before any work; nothing was written.",

@@ -51,15 +51,13 @@ def log_at(trainer: L.Trainer, step: int, epoch: int) -> None:
     trainer.fit_loop.epoch_progress.current.completed = epoch
 
 
-def handle_sigterm_with(trainer: L.Trainer, handler: Any) -> None:
+def handle_sigterm_with(trainer: L.Trainer, handler: Any, requeue_handler: Any) -> None:
     """Make ``handler(signum, frame)`` the SIGTERM handler that ``trainer`` registers when it starts its loops, in
-    place of Lightning's ``_sigterm_notifier_fn`` (other handlers, SLURM's and the process's earlier one, stay)."""
+    place of Lightning's ``_sigterm_notifier_fn`` (other handlers, SLURM's and the process's earlier one, stay), and
+    ``requeue_handler`` the handler of SLURM's auto-requeue signal (Lightning's ``_slurm_sigusr_handler_fn``), which
+    the Trainer registers on SLURM with ``SLURMEnvironment(auto_requeue=True)``, the default."""
     trainer._signal_connector._sigterm_notifier_fn = handler
-
-
-def file_writer(experiment: Any) -> Any:
-    """The low-level event-file writer of a TensorBoard SummaryWriter (for raw summaries such as HParams)."""
-    return experiment._get_file_writer()
+    trainer._signal_connector._slurm_sigusr_handler_fn = requeue_handler
 
 
 def averaged_module(callback: callbacks.WeightAveraging) -> L.LightningModule | None:

@@ -216,6 +216,32 @@ def test_a_signal_in_any_phase_of_fit_keeps_every_step_and_resumes_exactly(
         p.name for p in uninterrupted_short.parent.glob("best-*"))
 
 
+def test_slurms_requeue_signal_stops_with_last_ckpt_then_requeues_the_job(
+        tmp_path: Path, uninterrupted_short: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's SLURM recipe (--signal=SIGUSR1@90): Lightning's handler saved hpc_ckpt_N.ckpt from inside the
+    signal handler, half-way through a forward pass, and crashed a 2-process run. It now stops as on SIGTERM, with
+    last.ckpt, then requeues the job; the requeued command resumes exactly with --ckpt_path auto."""
+    make_dataset(tmp_path / "data")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"  # records how it was called
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    for key, value in {"SLURM_NTASKS": "1", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train", "SLURM_PROCID": "0",
+                       "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}.items():
+        monkeypatch.setenv(key, value)
+    code, stderr = _signalled(capsys, "training", signal.SIGUSR1, "fit", *SHORT, "--ckpt_path=auto")
+    assert code == 128 + signal.SIGUSR1, stderr[-2000:]
+    last = CHECKPOINTS / "last.ckpt"
+    assert (f"SIGUSR1: training stopped at step 3; {last} holds every step done. Resume with --ckpt_path last. "
+            "Job 4242 requeued (scontrol requeue 4242); with --ckpt_path auto it resumes from last.ckpt.") in stderr, stderr
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+    assert load_checkpoint(last)["global_step"] == 3 and not list(tmp_path.glob("hpc_ckpt*"))
+    fit(*SHORT, "--ckpt_path=auto")  # the requeued job's command
+    assert_same_weights(last, uninterrupted_short)
+
+
 ACCUMULATED = [*SHORT, "--trainer.accumulate_grad_batches=2"]  # 5 batches an epoch: steps after batches 2, 4 and 5
 
 

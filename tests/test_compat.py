@@ -8,7 +8,6 @@ import lightning.pytorch as L
 import pytest
 import torch
 from lightning.pytorch.cli import LightningCLI
-from torch.utils.tensorboard import SummaryWriter
 
 from senet_pl import compat
 
@@ -64,12 +63,6 @@ def test_stepped_follows_gradient_accumulation_and_a_held_sigterm_is_not_seen(tm
     trainer.fit(Tiny(), data)  # a SIGTERM seen by the loop would raise SIGTERMException after the first batch
     assert steps.stepped == [False, True, False, True, True]  # the last batch steps alone
     assert steps.sigterm == [True] * 5 and trainer.global_step == 3
-
-
-def test_file_writer_of_a_summary_writer(tmp_path) -> None:
-    writer = SummaryWriter(str(tmp_path))
-    assert hasattr(compat.file_writer(writer), "add_summary")
-    writer.close()
 
 
 def test_path_type() -> None:

@@ -110,6 +110,33 @@ def test_validation_figures_match_the_model(data_root: Path, tmp_path: Path) -> 
     assert {f"val/se_gates/layer{i}" for i in range(1, 5)} <= set(events.Tags()["histograms"])
 
 
+def _hparams(run_dir: Path) -> dict:
+    """The settings a run folder shows in TensorBoard's HParams view."""
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    return dict(HParamsPluginData.FromString(content).session_start_info.hparams)
+
+
+def test_a_stopped_run_has_its_hparams_row_and_a_resume_shows_its_own_settings(tmp_path: Path, monkeypatch) -> None:
+    """The row was written when fit ended: a run stopped by SIGTERM had none; and TensorBoard shows the first settings
+    it finds in a folder, so a resume with another --data.hflip still showed the first piece's."""
+    from conftest import TINY, cli, make_dataset
+
+    make_dataset(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    message = cli("fit", *TINY, "--trainer.max_epochs=2", "--trainer.callbacks+=signal_probe.SendSignal",
+                  "--trainer.callbacks.phase=training", "--trainer.callbacks.signum=15", "--trainer.callbacks.step=1")
+    assert message == "143"  # stopped by the SIGTERM, after step 1
+    run_dir = tmp_path / "lightning_logs/mnist/version_0"
+    assert _hparams(run_dir)["data/hflip"].number_value == 0  # (bools as 0/1)
+    assert cli("fit", *TINY, "--trainer.max_epochs=2", "--ckpt_path=last", "--data.hflip=true") is None
+    assert _hparams(run_dir)["data/hflip"].number_value == 1
+    assert len(list(run_dir.glob("events.out.tfevents.*.hparams"))) == 1
+
+
 def test_other_loggers_get_no_figures_and_no_error(data_root: Path, tmp_path: Path) -> None:
     figures = TensorBoardFigures()
     trainer = L.Trainer(accelerator="cpu", logger=CSVLogger(tmp_path), callbacks=[figures], limit_val_batches=1,

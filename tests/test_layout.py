@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "senet_pl"
 # Floors, bottom up: a module may import from its own floor or below, never from above.
 FLOORS = {
     "senet_pl.files": 0, "senet_pl.schedule": 0, "senet_pl.model": 0, "senet_pl.gates": 0, "senet_pl.precision": 0, "senet_pl.images": 0,
-    "senet_pl.compat": 0, "senet_pl.plots": 0, "senet_pl.infer": 0,
+    "senet_pl.compat": 0, "senet_pl.slurm": 0, "senet_pl.plots": 0, "senet_pl.infer": 0,
     "senet_pl.module": 1, "senet_pl.ema": 1, "senet_pl.data": 1, "senet_pl.checkpoints": 1,
     "senet_pl.callbacks": 2, "senet_pl.export": 2,
     "senet_pl.untrusted": 3, "senet_pl.resume": 3, "senet_pl.runs": 3, "senet_pl.options": 3, "senet_pl.cli": 3, "senet_pl.trainer": 3, "senet_pl.__main__": 3, "senet_pl": 3,
@@ -81,7 +81,8 @@ def test_the_model_floor_is_plain_pytorch(module: str) -> None:
     assert "lightning" not in source.replace("Lightning", "")
 
 
-PRIVATE = ["_parse_ckpt_path", "_run_subcommand", "_get_file_writer", "_PATH", "batch_progress", "epoch_loop",
+PRIVATE = ["_parse_ckpt_path", "_run_subcommand", "_PATH", "_signal_connector",
+           "_batches_that_stepped", "batch_progress", "epoch_loop",
            "_logger_connector", "_optimizer_handles_unscaling"]
 
 

@@ -2,8 +2,8 @@
 
 At the end of every validation (not the sanity check) and of ``test``, ``TensorBoardFigures`` logs
 a confusion-matrix figure, a grid of misclassified images with true and predicted labels and, per
-ResNet stage, a histogram of the SE gate values. At the end of ``fit`` and ``test`` it writes the
-hyperparameters with the final metrics to TensorBoard's HParams view. (The drawing: ``plots.py``.)
+ResNet stage, a histogram of the SE gate values. When training starts (and when a ``test`` starts a run folder of its
+own) it writes the settings to TensorBoard's HParams view. (The drawing: ``plots.py``.)
 """
 
 from pathlib import Path
@@ -12,16 +12,20 @@ import lightning.pytorch as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.tensorboard.summary import hparams
+from torch.utils.tensorboard.writer import FileWriter
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from senet_pl.compat import file_writer, logged_step
+from senet_pl.compat import logged_step
 from senet_pl.gates import recording_gates, se_blocks
 from senet_pl.plots import confusion_matrix_figure, misclassified_figure
 
 
+HPARAMS_SUFFIX = ".hparams"  # the events file of a run's settings, rewritten whole by every piece of it
+
+
 class TensorBoardFigures(L.Callback):
     """Confusion matrix, misclassified images and SE gate histograms after validation and test;
-    hyperparameters with the final metrics in the HParams view after fit and test."""
+    the settings of a run in the HParams view."""
 
     def __init__(self, max_images: int = 32, bins: int = 50) -> None:
         """
@@ -125,16 +129,22 @@ class TensorBoardFigures(L.Callback):
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
         self._end(trainer, pl_module, "test")
+
+    def on_train_start(self, trainer, pl_module) -> None:
         self._log_hparams(trainer, pl_module)
 
-    def on_fit_end(self, trainer, pl_module) -> None:
+    def on_test_start(self, trainer, pl_module) -> None:
         self._log_hparams(trainer, pl_module)
 
     def _log_hparams(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Model, data and optimizer settings with the run's metrics, for TensorBoard's HParams view.
+        """Model, data and optimizer settings, for TensorBoard's HParams view: one row per run folder, whose metric
+        columns are its scalars (``val/acc``..., their last values).
 
-        The metrics are named by their scalar tags (``val/acc``...), whose last values TensorBoard
-        shows in the table; nothing is logged twice.
+        Written when training starts, so that a run stopped before its end has its row too, into an events file of
+        its own that each resumed piece rewrites: TensorBoard shows the first settings it finds in a folder, and the
+        row shows the latest. No experiment summary: TensorBoard took one run's (the first it met) for the columns of
+        all, which then lacked the settings and metrics of the others (``--model.ema_decay``, another optimizer's);
+        without one it builds the columns from every run.
         """
         if not trainer.is_global_zero or not isinstance(trainer.logger, TensorBoardLogger):
             return
@@ -146,14 +156,13 @@ class TensorBoardFigures(L.Callback):
             params["optimizer"] = type(optimizer).__name__
             params |= {f"optimizer/{k}": v for k, v in optimizer.defaults.items()}
         params = {k: v for k, v in params.items() if isinstance(v, (bool, int, float, str))}
-        if not trainer.optimizers and (Path(trainer.logger.log_dir) / "checkpoints").is_dir():  # (trainer.log_dir: a collective)
-            return  # evaluating in a trained run's folder: fit's HParams entry already names the test metrics
-        metrics = {k: 0.0 for k in trainer.callback_metrics if k.split("/")[0] in ("train", "val", "test")}
-        if not metrics:
-            return
-        # Every metric a run may get, so that a later test logged into this run's folder joins its row.
-        metrics |= {f"{stage}/{name}": 0.0 for stage in ("train", "val", "test") for name in ("loss", "acc")}
-        writer = file_writer(trainer.logger.experiment)
-        for summary in hparams(params, metrics):
-            writer.add_summary(summary)
-        writer.flush()
+        folder = Path(trainer.logger.log_dir)  # (trainer.log_dir: a collective)
+        if not trainer.optimizers and (folder / "checkpoints").is_dir():
+            return  # evaluating in a trained run's folder: its row is fit's, and the test metrics join it
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.glob(f"events.out.tfevents.*{HPARAMS_SUFFIX}"):
+            old.unlink(missing_ok=True)
+        _, session_start, _ = hparams(params, {})
+        writer = FileWriter(str(folder), filename_suffix=HPARAMS_SUFFIX)
+        writer.add_summary(session_start)
+        writer.close()

@@ -16,6 +16,7 @@ from jsonargparse.typing import NonNegativeInt
 from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from senet_pl import slurm
 from senet_pl.checkpoints import BETWEEN_STEPS, follow_run_folder
 from senet_pl.compat import (at_last_batch, handle_sigterm_with, hold_sigterm, keep_epoch_open, rerun_cut_validation,
                               stepped)
@@ -177,14 +178,15 @@ class GracefulStop(Callback):
         self.start_step: int | None = None  # the global step when training started (after a resume's restore)
         self._held = False  # a SIGTERM held until the optimizer step that ends the accumulated batches
         self._pending = False  # a SIGTERM received; under DDP, not yet agreed by all processes (_agree)
+        self.requeue_signal: int | None = None  # SLURM's auto-requeue signal, received (slurm.py)
         self._trainer: L.Trainer | None = None
         self._previous: Any = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # From the start of every command (fit with its sanity check, validate, test, predict), not only training.
         self.signal, self.running, self.start_step = None, True, None
-        self._pending, self._trainer = False, trainer
-        handle_sigterm_with(trainer, self._on_sigterm)  # registered by the Trainer after this hook
+        self._pending, self._trainer, self.requeue_signal = False, trainer, None
+        handle_sigterm_with(trainer, self._on_sigterm, self._on_requeue_signal)  # registered after this hook
         if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # an ignored Ctrl-C stays ignored (EarlySignals)
             self._previous = signal.signal(signal.SIGINT, self._on_sigint)
 
@@ -198,6 +200,18 @@ class GracefulStop(Callback):
         # One process, or predict (no collective per batch): the loops see it at once, as Lightning's handler does.
         if trainer.world_size == 1 or trainer.state.fn not in ("fit", "validate", "test"):
             hold_sigterm(trainer, False)
+
+    def _on_requeue_signal(self, signum: int, frame: Any) -> None:
+        # SLURM's time limit is near: stop as on SIGTERM, then requeue the job (requeue()), in place of Lightning's
+        # handler, which saved from inside the signal handler (slurm.py).
+        self.requeue_signal = signum
+        self._on_sigterm(signum, frame)
+
+    def requeue(self, trainer: L.Trainer) -> str:
+        """After a stop by SLURM's auto-requeue signal: requeue the job (process 0), and say so (" ..."); else ""."""
+        if self.requeue_signal is None or not trainer.is_global_zero:
+            return ""
+        return " " + slurm.requeue()
 
     def _agree(self, trainer: L.Trainer, ready: bool) -> None:
         """Under DDP, at a batch end that every process reaches: whether any of them got a SIGTERM. If so, every
@@ -270,7 +284,7 @@ class GracefulStop(Callback):
                 resumed: tuple[str, int] | None, aborted: bool = False) -> str:
         """What a command stopped by ``signum`` wrote and did not write (``removed``: the new run folders it removed;
         ``resumed``: the checkpoint a fit resumed from and its step; ``aborted``: a second Ctrl-C, at once)."""
-        name = "Ctrl-C twice" if aborted else "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        name = "Ctrl-C twice" if aborted else "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         stopped = "aborted at once" if aborted else "stopped"
         step = trainer.global_step
         gone = f" (the new run folder {removed[0]} was removed)" if removed else ""
