@@ -227,7 +227,7 @@ class ReplaceSigterm(L.Callback):
         self.seen, self.batches = [], 0
 
     def setup(self, trainer, pl_module, stage) -> None:
-        compat.handle_sigterm_with(trainer, lambda signum, frame: self.seen.append(signum))
+        compat.handle_sigterm_with(trainer, lambda signum, frame: self.seen.append(signum), None)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.batches += 1

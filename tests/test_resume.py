@@ -264,8 +264,11 @@ def test_evaluating_at_another_size_or_dataset_is_refused(run_copy: Path, tmp_pa
     torch.save(ckpt, tmp_path / "at32.ckpt")
     message = cli(subcommand, *TINY, f"--ckpt_path={tmp_path / 'at32.ckpt'}")  # TINY says 8
     assert message is not None and "--data.image_size 8, but the checkpoint has 32" in message, message
-    message = cli(subcommand, *TINY, "--ckpt_path=last", "--data.dataset=kmnist")
+    message = cli(subcommand, *TINY, f"--ckpt_path={run_copy}", "--data.dataset=kmnist")
     assert message is not None and "--data.dataset kmnist, but the checkpoint has mnist" in message, message
+    # last: of the KMNIST runs (a recipe's run of another dataset is named after it), which there are none of
+    message = cli(subcommand, *TINY, "--ckpt_path=last", "--data.dataset=kmnist")
+    assert message is not None and "no run under lightning_logs/kmnist/ has a checkpoints/last.ckpt" in message
 
 
 def test_validate_keeps_the_split_the_model_was_validated_on(run_copy: Path) -> None:

@@ -16,10 +16,10 @@ from jsonargparse.typing import NonNegativeInt
 from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from senet_pl import slurm
 from senet_pl.checkpoints import BETWEEN_STEPS, follow_run_folder
 from senet_pl.compat import (at_last_batch, handle_sigterm_with, hold_sigterm, keep_epoch_open, rerun_cut_validation,
                               stepped)
+from senet_pl.slurm import requeue as requeue_job
 
 
 class LatestCheckpoint(Checkpoint):
@@ -211,7 +211,7 @@ class GracefulStop(Callback):
         """After a stop by SLURM's auto-requeue signal: requeue the job (process 0), and say so (" ..."); else ""."""
         if self.requeue_signal is None or not trainer.is_global_zero:
             return ""
-        return " " + slurm.requeue()
+        return " " + requeue_job()
 
     def _agree(self, trainer: L.Trainer, ready: bool) -> None:
         """Under DDP, at a batch end that every process reaches: whether any of them got a SIGTERM. If so, every
