@@ -20,8 +20,9 @@ def job_id() -> str | None:
     return job if job and re.fullmatch(r"[0-9_]+", job) else None
 
 
-def requeue() -> str:
-    """Requeue this job; what happened, as a sentence for the user."""
+def requeue(resumes: bool = True) -> str:
+    """Requeue this job; what happened, as a sentence for the user (``resumes``: a fit, whose last.ckpt the requeued job
+    resumes from)."""
     job = job_id()
     if job is None:
         return "No SLURM job id in the environment: nothing was requeued."
@@ -32,4 +33,5 @@ def requeue() -> str:
     if done.returncode != 0:
         reason = (done.stderr or done.stdout).strip().splitlines()[-1:] or [f"status {done.returncode}"]
         return f"Requeueing job {job} failed ({reason[0]}): requeue it yourself (scontrol requeue {job})."
-    return f"Job {job} requeued (scontrol requeue {job}); with --ckpt_path auto it resumes from last.ckpt."
+    resume = "; with --ckpt_path auto it resumes from last.ckpt" if resumes else ""
+    return f"Job {job} requeued (scontrol requeue {job}){resume}."

@@ -122,10 +122,11 @@ def test_predict_removes_the_files_of_an_earlier_predict_with_another_number_of_
     folder = _newest(trained, "checkpoints/last.ckpt").parents[1]
     for name in ("predictions_rank0.csv", "predictions_rank1.csv", "predictions_mine.csv", "predictions_rank1.csv.bak"):
         (folder / name).write_text("an earlier file\n")
+    (folder / "predictions_rank5.csv").mkdir()  # a folder of that name is not a prediction file (it crashed predict)
     result = run_here(trained, "predict", *TINY, "--ckpt_path=last")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(p.name for p in folder.glob("predictions*")) == [
-        "predictions.csv", "predictions_mine.csv", "predictions_rank1.csv.bak"]  # a user's own files are kept
+    assert sorted(p.name for p in folder.glob("predictions*")) == [  # a user's own files are kept
+        "predictions.csv", "predictions_mine.csv", "predictions_rank1.csv.bak", "predictions_rank5.csv"]
 
 
 def test_predict_on_a_folder_of_own_images(trained: Path) -> None:

@@ -59,9 +59,10 @@ def test_ddp_two_processes_shard_reduce_and_checkpoint_once(tmp_path: Path, monk
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo DDP on CPU is exercised on Linux")
-@pytest.mark.parametrize(("rank", "accumulate", "batch", "step"), [(0, 1, 1, 2), (1, 2, 0, 1)])
+@pytest.mark.parametrize(("rank", "accumulate", "batch", "step", "signum"),
+                         [(0, 1, 1, 2, signal.SIGTERM), (1, 2, 0, 1, signal.SIGTERM), (1, 1, 1, 2, signal.SIGINT)])
 def test_ddp_sigterm_to_one_process_stops_every_process_at_one_batch(tmp_path: Path, rank: int, accumulate: int,
-                                                                     batch: int, step: int) -> None:
+                                                                     batch: int, step: int, signum: int) -> None:
     """A SIGTERM to one process of a Lightning-launched DDP run, while it computes a training batch: Lightning 2.6
     broadcast from inside its handler while the other process waited in its gradient all-reduce, and the job hung
     (to rank 0: ``kill <pid>``; to rank 1: its own, or a scheduler's to one process). With accumulation, the stop
@@ -70,16 +71,39 @@ def test_ddp_sigterm_to_one_process_stops_every_process_at_one_batch(tmp_path: P
     result = run_ddp(tmp_path, "fit", *FULL_EPOCHS, "--trainer.strategy=ddp", "--trainer.devices=2",
                      "--trainer.max_epochs=1", f"--trainer.accumulate_grad_batches={accumulate}",
                      "--trainer.callbacks+=signal_probe.SendSignal", "--trainer.callbacks.phase=training",
-                     "--trainer.callbacks.signum=15", f"--trainer.callbacks.batch={batch}",
+                     f"--trainer.callbacks.signum={int(signum)}", f"--trainer.callbacks.batch={batch}",
                      f"--trainer.callbacks.rank={rank}", timeout=180)
-    assert result.returncode == 143, result.stderr[-3000:]
+    assert result.returncode == 128 + signum, result.stderr[-3000:]
     last = tmp_path / "lightning_logs/mnist/version_0/checkpoints/last.ckpt"
-    assert f"SIGTERM: training stopped at step {step}; lightning_logs/mnist/version_0/checkpoints/last.ckpt holds" \
-        in result.stderr, result.stderr[-3000:]
+    name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"  # as the process that got it says, once
+    said = f"{name}: training stopped at step {step}; lightning_logs/mnist/version_0/checkpoints/last.ckpt holds"
+    assert result.stderr.count(said) == 1, result.stderr[-3000:]
     assert ("finishing this optimizer step first" in result.stderr) is (accumulate > 1)
     ckpt = load_checkpoint(last)
     assert ckpt["global_step"] == step
     assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["batches_done"] == batch + 1 + (accumulate > 1)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo DDP on CPU is exercised on Linux")
+def test_ddp_predict_writes_a_file_per_process_and_stops_together(tmp_path: Path) -> None:
+    """Every DDP predict crashed (process 0 asked for the run folder, a collective, once more than the others), and a
+    SIGTERM to process 1 alone stopped it while process 0 went on to wait for it."""
+    make_dataset(tmp_path / "data")
+    assert run(tmp_path, "fit", *TINY, "--trainer.max_epochs=1").returncode == 0
+    folder = tmp_path / "lightning_logs/mnist/version_0"
+    (folder / "predictions.csv").write_text("an earlier predict's, with 1 process\n")
+    ddp = ["--trainer.strategy=ddp", "--trainer.devices=2", "--ckpt_path=last", "--trainer.limit_predict_batches=1.0"]
+    result = run_ddp(tmp_path, "predict", *TINY, *ddp, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in folder.glob("predictions*.csv")) == ["predictions_rank0.csv", "predictions_rank1.csv"]
+    indices = [int(line.split(",")[0]) for r in (0, 1) for line in
+               (folder / f"predictions_rank{r}.csv").read_text().splitlines()[1:]]
+    assert sorted(indices) == list(range(N_TEST))
+    result = run_ddp(tmp_path, "predict", *TINY, *ddp, "--trainer.callbacks+=signal_probe.SendSignal",
+                     "--trainer.callbacks.phase=predict", "--trainer.callbacks.signum=15", "--trainer.callbacks.rank=1",
+                     timeout=180)
+    assert result.returncode == 143 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.count("SIGTERM: predict stopped before the end") == 1, result.stderr[-3000:]
 
 
 def test_a_finished_run_closes_the_process_group_and_a_failed_one_leaves_it(tmp_path: Path,

@@ -197,8 +197,7 @@ class GracefulStop(Callback):
         if not self._pending and trainer.strategy.launcher is not None:
             trainer.strategy.launcher.kill(signum)  # the processes Lightning started get it too (as Lightning does)
         self._pending = True
-        # One process, or predict (no collective per batch): the loops see it at once, as Lightning's handler does.
-        if trainer.world_size == 1 or trainer.state.fn not in ("fit", "validate", "test"):
+        if trainer.world_size == 1:  # the loops see it at once, as Lightning's handler does
             hold_sigterm(trainer, False)
 
     def _on_requeue_signal(self, signum: int, frame: Any) -> None:
@@ -211,16 +210,21 @@ class GracefulStop(Callback):
         """After a stop by SLURM's auto-requeue signal: requeue the job (process 0), and say so (" ..."); else ""."""
         if self.requeue_signal is None or not trainer.is_global_zero:
             return ""
-        return " " + requeue_job()
+        return " " + requeue_job(resumes=trainer.state.fn == "fit")
 
     def _agree(self, trainer: L.Trainer, ready: bool) -> None:
-        """Under DDP, at a batch end that every process reaches: whether any of them got a SIGTERM. If so, every
-        process's loops see it now (``ready``) and stop at this boundary together, or, between the accumulated batches
-        of an optimizer step, all hold it until the step."""
-        pending = torch.tensor(float(self._pending), device=trainer.strategy.root_device)
-        if trainer.strategy.reduce(pending, reduce_op="sum").item() == 0:
+        """Under DDP, at a batch end that every process reaches (every process has as many batches): whether any of
+        them got a SIGTERM, a Ctrl-C or SLURM's requeue signal. If so, every process's loops see it now (``ready``) and
+        stop at this boundary together, or, between the accumulated batches of an optimizer step, all hold it until
+        the step; and every process reports (and process 0 requeues) as the one that got it would."""
+        got = [self._pending, self.signal == signal.SIGINT, self.requeue_signal or 0]
+        got = trainer.strategy.reduce(torch.tensor(got, dtype=torch.float64, device=trainer.strategy.root_device),
+                                      reduce_op="max").tolist()
+        if not got[0]:
             return
         self._pending = True
+        self.signal = signal.SIGINT if got[1] else self.signal
+        self.requeue_signal = int(got[2]) or None
         if ready:
             hold_sigterm(trainer, False)
             self._held = False
@@ -254,6 +258,8 @@ class GracefulStop(Callback):
         if trainer.world_size > 1:
             self._agree(trainer, ready=True)
 
+    on_predict_batch_end = on_test_batch_end  # (the prediction writer stops on the flag this shows, everywhere alike)
+
     def _hold(self, trainer: L.Trainer) -> None:
         if not self._held and trainer.is_global_zero:
             print(f"finishing this optimizer step first (--trainer.accumulate_grad_batches "
@@ -266,7 +272,8 @@ class GracefulStop(Callback):
             raise KeyboardInterrupt
         self.signal = signal.SIGINT
         signal.signal(signal.SIGINT, signal.default_int_handler)  # the next Ctrl-C raises KeyboardInterrupt
-        print("\nCtrl-C: stopping after this batch (Ctrl-C again to abort at once)", flush=True)
+        if self._trainer is None or self._trainer.is_global_zero:  # once (a terminal's Ctrl-C reaches every process)
+            print("\nCtrl-C: stopping after this batch (Ctrl-C again to abort at once)", flush=True)
         os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler sets the flag its loops check
 
     def _restore(self) -> None:

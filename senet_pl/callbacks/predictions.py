@@ -44,11 +44,13 @@ class PredictionWriter(BasePredictionWriter):
         # Only the first process lists the skipped files (every process read the folder), or removes an earlier list.
         skipped = (getattr(dm, "predict_skipped", None) if files else None) or []
         # The same rows as python -m senet_pl.infer writes (torch-free, so they are built in infer.py).
+        folder = run_folder(trainer)  # on every process: under DDP the run folder is a broadcast
         if trainer.is_global_zero:  # an earlier predict's files for another number of processes: not mixed with these
-            for old in run_folder(trainer).glob("predictions*.csv"):
-                if re.fullmatch(r"predictions(_rank\d+)?\.csv", old.name) and not _ours(old.name, trainer.world_size):
+            for old in folder.glob("predictions*.csv"):
+                if re.fullmatch(r"predictions(_rank\d+)?\.csv", old.name) and not _ours(old.name, trainer.world_size) \
+                        and (old.is_file() or old.is_symlink()):  # (a folder of that name is someone's)
                     old.unlink(missing_ok=True)
-        self.report += write_predictions(run_folder(trainer), f"predictions{suffix}.csv",
+        self.report += write_predictions(folder, f"predictions{suffix}.csv",
                                          ["file" if files else "index", *PREDICTIONS_HEADER, f"top{top}"],
                                          prediction_rows(names, probs.float().cpu().numpy(), classes, top),
                                          skipped if trainer.is_global_zero else None)
