@@ -33,12 +33,18 @@ class Tiny(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def test_fit_loop_progress_counts_batches_of_the_epoch(tmp_path) -> None:
-    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(6, 2)), batch_size=2)
-    record = Record()
-    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[record], default_root_dir=tmp_path)
+def _fit(tmp_path, callback: L.Callback, batches: int, **trainer_args) -> L.Trainer:
+    """``Tiny`` fitted on ``batches`` batches of 2 an epoch, with ``callback`` and nothing else (no logger, no files)."""
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(2 * batches, 2)), batch_size=2)
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[callback], default_root_dir=tmp_path, **trainer_args)
     trainer.fit(Tiny(), data)
+    return trainer
+
+
+def test_fit_loop_progress_counts_batches_of_the_epoch(tmp_path) -> None:
+    record = Record()
+    _fit(tmp_path, record, 3, max_epochs=2)
     assert record.done == [1, 2, 3, 1, 2, 3]  # processed before on_train_batch_end, reset every epoch
     assert record.last == [False, False, True] * 2
 
@@ -55,12 +61,9 @@ class Steps(L.Callback):
 
 
 def test_stepped_follows_gradient_accumulation_and_a_held_sigterm_is_not_seen(tmp_path) -> None:
-    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(10, 2)), batch_size=2)
     steps = Steps()
-    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[steps], default_root_dir=tmp_path,
-                        accumulate_grad_batches=2)
-    trainer.fit(Tiny(), data)  # a SIGTERM seen by the loop would raise SIGTERMException after the first batch
+    # a SIGTERM seen by the loop would raise SIGTERMException after the first batch
+    trainer = _fit(tmp_path, steps, 5, max_epochs=1, accumulate_grad_batches=2)
     assert steps.stepped == [False, True, False, True, True]  # the last batch steps alone
     assert steps.sigterm == [True] * 5 and trainer.global_step == 3
 
@@ -236,11 +239,8 @@ class ReplaceSigterm(L.Callback):
 
 
 def test_the_replaced_sigterm_handler_is_the_one_the_trainer_registers(tmp_path) -> None:
-    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(6, 2)), batch_size=2)
     replace = ReplaceSigterm()
-    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[replace], default_root_dir=tmp_path)
-    trainer.fit(Tiny(), data)
+    trainer = _fit(tmp_path, replace, 3, max_epochs=1)
     # Lightning's own handler, which sets the flag its loops stop on, did not run: all 3 batches were trained
     assert replace.seen == [signal.SIGTERM] and replace.batches == 3 and not trainer.received_sigterm
 
