@@ -220,7 +220,7 @@ class SENetCLI(LightningCLIHooks):
         weights = info.raw["state_dict"] if info.kind == "lightning" else as_lightning_checkpoint(info.raw)["state_dict"]
         if not isinstance(weights, dict):
             raise CheckpointError(f"refused {info.path}: its state_dict is not a dict of tensors.")
-        if info.kind == "lightning":  # where a validation of fit at its step logged
+        if info.kind == "lightning" and self.subcommand != "fit":  # where a validation of fit at its step logged
             log_at(self.trainer, max(info.global_step - 1, 0), info.raw.get("epoch", 0))
         mismatch = weight_mismatch(self.model, weights)
         if mismatch:
