@@ -2,6 +2,7 @@
 own, each refused in one line before any work."""
 
 import re
+import warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, NoReturn
@@ -163,6 +164,9 @@ def check_options(cfg: Any, subcommand: str | None, root: Path | None) -> None:
     trainer = cfg.trainer
     limit = {"validate": "limit_val_batches", "test": "limit_test_batches", "analyze": "limit_test_batches",
              "predict": "limit_predict_batches"}.get(subcommand)
+    if subcommand in ("validate", "test", "analyze", "export") and cfg.data.get("predict_dir"):  # silently unused
+        split = "validation" if subcommand == "validate" else "official test"
+        warnings.warn(f"--data.predict_dir is read by predict only: {subcommand} uses the {split} split.", UserWarning)
     if limit is not None and trainer.get(limit) == 0:  # 0 or 0.0: Lightning would report success with no results
         raise CLIError(f"--trainer.{limit} {trainer.get(limit)}: {subcommand} would evaluate nothing; give a number of "
                        "batches (at least 1) or a fraction of the split (0.5, 1.0).")

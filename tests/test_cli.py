@@ -184,6 +184,13 @@ def test_a_checkpoint_of_another_dataset_is_refused(trained: Path) -> None:
     assert "--data.dataset kmnist, but the checkpoint has mnist" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_predict_dir_given_to_test_says_it_is_unused(trained: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """test --data.predict_dir my_digits scored the official test split without a word about the folder."""
+    monkeypatch.chdir(trained)
+    with pytest.warns(UserWarning, match="--data.predict_dir is read by predict only: test uses the official test split"):
+        assert cli("test", *TINY, "--ckpt_path=last", "--data.predict_dir=other") is None
+
+
 @pytest.mark.parametrize("folder", ["missing", "junk"])
 def test_predict_dir_without_images_is_one_line(trained: Path, folder: str) -> None:
     (trained / "junk").mkdir(exist_ok=True)
