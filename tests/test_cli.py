@@ -184,6 +184,12 @@ def test_a_checkpoint_of_another_dataset_is_refused(trained: Path) -> None:
     assert "--data.dataset kmnist, but the checkpoint has mnist" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_mirror_images_of_digits_are_said_to_be_another_symbol(trained: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(trained)
+    with pytest.warns(UserWarning, match="--model.test_hflip on mnist: a mirrored digit or character is another symbol"):
+        assert cli("test", *TINY, "--ckpt_path=last", "--model.test_hflip=true") is None
+
+
 def test_predict_dir_given_to_test_says_it_is_unused(trained: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """test --data.predict_dir my_digits scored the official test split without a word about the folder."""
     monkeypatch.chdir(trained)
