@@ -381,12 +381,14 @@ def test_missing_files_without_download_name_what_to_do(tmp_path: Path) -> None:
 
 def test_failed_download_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def offline(self):
+        os.makedirs(self.raw_folder, exist_ok=True)  # as torchvision's does, before it downloads
         raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
 
     monkeypatch.setattr("torchvision.datasets.MNIST.download", offline)
-    dm = _module(tmp_path, download=True)
+    dm = _module(tmp_path / "data", download=True)
     with pytest.raises(DataError, match="download failed.*Error downloading"):
         dm.prepare_data()
+    assert not (tmp_path / "data").exists()  # the empty data/MNIST/raw/ it made was left behind
 
 
 def _break(raw: Path, case: str) -> str:

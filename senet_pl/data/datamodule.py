@@ -12,7 +12,7 @@ from jsonargparse.typing import ClosedUnitInterval, NonNegativeInt, PositiveFloa
 from torch.utils.data import DataLoader, random_split
 from torchvision.datasets import KMNIST, MNIST, FashionMNIST
 
-from senet_pl.data.idx import DataError, check_idx, decompress, needs_decompressing
+from senet_pl.data.idx import DataError, check_idx, decompress, download, needs_decompressing
 from senet_pl.data.memory import InMemoryImages, data_device
 from senet_pl.data.sampler import EpochBatchSampler, ResumableLoader, shard
 from senet_pl.data.transforms import Erasing, transform_batch
@@ -155,14 +155,9 @@ class MNISTDataModule(L.LightningDataModule):
             if not path.exists():
                 missing.append(path)
         if missing and self.hparams.download:
-            try:
-                for train in (True, False):
-                    self.dataset_cls(self.hparams.data_dir, train=train, download=True)
-            except Exception as err:  # torchvision raises RuntimeError/URLError/OSError, depending on the failure
-                reason = f"download failed ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
-            else:
-                missing = [p for p in missing if not p.exists()]
-                reason = "download did not produce them"
+            failed = download(self.dataset_cls, self.hparams.data_dir, self.raw_folder)
+            missing = missing if failed else [p for p in missing if not p.exists()]
+            reason = failed or "download did not produce them"
         else:
             reason = "download is off"
         if missing:

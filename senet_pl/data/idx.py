@@ -1,5 +1,6 @@
 """IDX files (the format of MNIST and its siblings): header checks and safe decompression of the .gz downloads."""
 
+import contextlib
 import gzip
 import os
 import shutil
@@ -84,3 +85,18 @@ def decompress(gz: Path, target: Path, ndim: int) -> None:
             raise
         detail = str(err) if isinstance(err, DataError) else f"{err}."
         raise DataError(f"could not decompress {gz}: {detail} Replace it with a complete copy.") from None
+
+
+def download(dataset_cls: type, root: str, raw: Path) -> str | None:
+    """Download both splits of ``dataset_cls`` into ``root`` with torchvision; why it failed, or None. The folders it
+    made and left empty (``root``, ``MNIST/``, ``MNIST/raw/``) are removed after a failure."""
+    made = [folder for folder in (raw, raw.parent, raw.parent.parent) if not folder.exists()]
+    try:
+        for train in (True, False):
+            dataset_cls(root, train=train, download=True)
+    except Exception as err:  # torchvision raises RuntimeError/URLError/OSError, depending on the failure
+        for folder in made:  # innermost first; rmdir removes only an empty folder
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        return f"download failed ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+    return None
