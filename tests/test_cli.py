@@ -238,6 +238,8 @@ def test_analyze_writes_the_excitation_figure_table_and_summary(trained: Path) -
     events = EventAccumulator(str(folder))
     events.Reload()
     assert "excitation/per_class" in events.Tags()["images"]
+    step = load_checkpoint(run_folder / "checkpoints/last.ckpt")["global_step"] - 1  # as test logs it (not at 0)
+    assert events.Images("excitation/per_class")[-1].step == step
     # Only the gates: its test loop logged test/acc and figures into the run, over those of the run's test.
     assert folder == run_folder and _test_logs(run_folder) == before
 

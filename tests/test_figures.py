@@ -135,6 +135,13 @@ def test_a_stopped_run_has_its_hparams_row_and_a_resume_shows_its_own_settings(t
     assert cli("fit", *TINY, "--trainer.max_epochs=2", "--ckpt_path=last", "--data.hflip=true") is None
     assert _hparams(run_dir)["data/hflip"].number_value == 1
     assert len(list(run_dir.glob("events.out.tfevents.*.hparams"))) == 1
+    # test and validate of a checkpoint copied out of its run start a run folder of their own, with a row each
+    (tmp_path / "elsewhere").mkdir()
+    copy = tmp_path / "elsewhere" / "copy.ckpt"
+    copy.write_bytes((run_dir / "checkpoints/last.ckpt").read_bytes())
+    for subcommand, version in (("test", 1), ("validate", 2)):
+        assert cli(subcommand, *TINY, f"--ckpt_path={copy}") is None
+        assert _hparams(tmp_path / f"lightning_logs/mnist/version_{version}")["data/dataset"].string_value == "mnist"
 
 
 def test_other_loggers_get_no_figures_and_no_error(data_root: Path, tmp_path: Path) -> None:

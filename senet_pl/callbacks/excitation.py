@@ -11,6 +11,7 @@ import lightning.pytorch as L
 import torch
 
 from senet_pl.callbacks.output import run_folder
+from senet_pl.compat import logged_step
 from senet_pl.gates import class_means, describe, paper_name, recording_gates, se_blocks
 from senet_pl.plots import excitation_figure
 
@@ -68,7 +69,7 @@ class ExcitationAnalysis(L.Callback):
         figure.savefig(folder / "excitation.png", dpi=120)
         experiment = getattr(trainer.logger, "experiment", None)
         if hasattr(experiment, "add_figure"):
-            experiment.add_figure("excitation/per_class", figure, trainer.global_step)
+            experiment.add_figure("excitation/per_class", figure, logged_step(trainer))  # the checkpoint's, as test
         self.report = [summary, f"excitation analysis written to {folder}/excitation.{{png,csv,txt}}"]
 
 

@@ -2,8 +2,8 @@
 
 At the end of every validation (not the sanity check) and of ``test``, ``TensorBoardFigures`` logs
 a confusion-matrix figure, a grid of misclassified images with true and predicted labels and, per
-ResNet stage, a histogram of the SE gate values. When training starts (and when a ``test`` starts a run folder of its
-own) it writes the settings to TensorBoard's HParams view. (The drawing: ``plots.py``.)
+ResNet stage, a histogram of the SE gate values. When training starts (and when ``test`` or ``validate`` starts a run
+folder of its own) it writes the settings to TensorBoard's HParams view. (The drawing: ``plots.py``.)
 """
 
 from pathlib import Path
@@ -135,6 +135,10 @@ class TensorBoardFigures(L.Callback):
 
     def on_test_start(self, trainer, pl_module) -> None:
         self._log_hparams(trainer, pl_module)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "validate":  # (not fit's validations)
+            self._log_hparams(trainer, pl_module)
 
     def _log_hparams(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Model, data and optimizer settings, for TensorBoard's HParams view: one row per run folder, whose metric
