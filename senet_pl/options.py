@@ -167,10 +167,10 @@ def check_options(cfg: Any, subcommand: str | None, root: Path | None) -> None:
     if subcommand in ("validate", "test", "analyze", "export") and cfg.data.get("predict_dir"):  # silently unused
         split = "validation" if subcommand == "validate" else "official test"
         warnings.warn(f"--data.predict_dir is read by predict only: {subcommand} uses the {split} split.", UserWarning)
-    mirrored = [o for o, on in (("--data.hflip", subcommand == "fit" and cfg.data.get("hflip")),
-                                ("--model.test_hflip", subcommand == "test" and cfg.model.get("test_hflip"))) if on]
+    mirrored = ("--data.hflip" if subcommand == "fit" and cfg.data.get("hflip") else
+                "--model.test_hflip" if subcommand == "test" and cfg.model.get("test_hflip") else None)
     if mirrored and cfg.data.dataset != "fashion_mnist":  # allowed (a user may want to see it), but said
-        warnings.warn(f"{mirrored[0]} on {cfg.data.dataset}: a mirrored digit or character is another symbol (or none); "
+        warnings.warn(f"{mirrored} on {cfg.data.dataset}: a mirrored digit or character is another symbol (or none); "
                       "mirror images suit clothes (fashion_mnist).", UserWarning)
     if limit is not None and trainer.get(limit) == 0:  # 0 or 0.0: Lightning would report success with no results
         raise CLIError(f"--trainer.{limit} {trainer.get(limit)}: {subcommand} would evaluate nothing; give a number of "

@@ -184,17 +184,25 @@ def test_a_checkpoint_of_another_dataset_is_refused(trained: Path) -> None:
     assert "--data.dataset kmnist, but the checkpoint has mnist" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_mirror_images_of_digits_are_said_to_be_another_symbol(trained: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mirror_images_of_digits_are_said_to_be_another_symbol(trained: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(trained)
     with pytest.warns(UserWarning, match="--model.test_hflip on mnist: a mirrored digit or character is another symbol"):
         assert cli("test", *TINY, "--ckpt_path=last", "--model.test_hflip=true") is None
+    make_dataset(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)  # (a new run here, not among the trained folder's)
+    with pytest.warns(UserWarning, match="--data.hflip on mnist: a mirrored digit or character is another symbol"):
+        assert cli("fit", *TINY, "--trainer.max_steps=1", "--data.hflip=true") is None
 
 
-def test_predict_dir_given_to_test_says_it_is_unused(trained: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("subcommand", "split"), [("test", "official test"), ("validate", "validation")])
+def test_predict_dir_given_to_an_evaluation_says_it_is_unused(trained: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              subcommand: str, split: str) -> None:
     """test --data.predict_dir my_digits scored the official test split without a word about the folder."""
     monkeypatch.chdir(trained)
-    with pytest.warns(UserWarning, match="--data.predict_dir is read by predict only: test uses the official test split"):
-        assert cli("test", *TINY, "--ckpt_path=last", "--data.predict_dir=other") is None
+    said = f"--data.predict_dir is read by predict only: {subcommand} uses the {split} split"
+    with pytest.warns(UserWarning, match=said):
+        assert cli(subcommand, *TINY, "--ckpt_path=last", "--data.predict_dir=other") is None
 
 
 @pytest.mark.parametrize("folder", ["missing", "junk"])
